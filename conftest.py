@@ -1,0 +1,17 @@
+"""Test-session setup shared by tests/ and bench/ (pytest loads this before any test module)."""
+
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+# Off-GPU, kernels run in Triton's interpreter; the switch must be set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tiktoken cannot download its vocabulary here: use the copy beside the checkout (or one carried in).
+for cache in (ROOT.parent / "shared" / "tiktoken_cache", ROOT / ".tiktoken_cache"):
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)

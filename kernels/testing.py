@@ -1,0 +1,45 @@
+"""Checking a kernel the way FlashAttention does: against float64, relative to PyTorch's own error.
+
+A kernel in bf16 cannot be compared with an absolute tolerance that is right for every shape: bf16
+has 8 bits of mantissa, and how far any bf16 computation lands from the exact answer depends on the
+shape and the values. So we compute the exact answer (float64 reference), measure how far PyTorch
+lands from it computing the same thing in the same dtype, and require the kernel to land no more
+than `factor` times as far (plus a small `atol` for results that are exact in both).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_abs_err(x: torch.Tensor, exact: torch.Tensor) -> float:
+    return (x.double() - exact.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close_to_reference(
+    name: str,
+    kernel_out: torch.Tensor,
+    exact: torch.Tensor,
+    torch_out: torch.Tensor,
+    factor: float = 2.0,
+    atol: float = 1e-5,
+) -> None:
+    """kernel error <= factor * (PyTorch error in the same dtype) + atol, both against `exact`.
+
+    Also fails on NaN/Inf in the kernel output where the exact answer is finite (a poisoned output
+    that was never written shows up here).
+    """
+    assert kernel_out.shape == exact.shape, f"{name}: shape {tuple(kernel_out.shape)} != {tuple(exact.shape)}"
+    finite = torch.isfinite(exact)
+    bad = finite & ~torch.isfinite(kernel_out)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where the reference is finite"
+    err = max_abs_err(kernel_out, exact)
+    base = max_abs_err(torch_out, exact)
+    assert err <= factor * base + atol, (
+        f"{name}: kernel max error {err:.3e} > {factor} x PyTorch's {base:.3e} + {atol:.1e}"
+    )
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so that any element a kernel forgets to write is caught."""
+    return t.fill_(float("nan"))

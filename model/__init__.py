@@ -1,0 +1,5 @@
+"""The reference GPT: configuration, model, tokenizer, data, generation."""
+
+from model.gpt import PRESETS, GPTConfig, GPTModel
+
+__all__ = ["GPTConfig", "GPTModel", "PRESETS"]

@@ -1,0 +1,184 @@
+"""The GPT of *Build a Large Language Model (From Scratch)*, chapter 4, in one file.
+
+token + position embeddings -> n_layers x [pre-LN causal self-attention, pre-LN MLP] -> LayerNorm -> head
+
+Every compute-heavy op goes through `self.ops` (see `model/ops.py`): PyTorch built-ins by default,
+the Triton kernels of `kernels/` after `use_fused_kernels(True)`, on the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.ops import get_ops
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = False  # the book trains without; OpenAI's GPT-2 weights have one
+    tie_weights: bool = False  # the book keeps a separate LM head (163M params for "124M")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # Small enough to train in minutes on a 2-core CPU, still the GPT-2 vocabulary.
+    "tiny": GPTConfig(context_length=128, emb_dim=128, n_heads=4, n_layers=4),
+    "gpt2-124M": GPTConfig(emb_dim=768, n_heads=12, n_layers=12),
+    "gpt2-355M": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),
+    "gpt2-774M": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),
+    "gpt2-1558M": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),
+}
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # the book's "scale"
+        self.bias = nn.Parameter(torch.zeros(dim))  # the book's "shift"
+
+    def forward(self, x, ops):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        # One fused projection for q, k and v: one matmul instead of three.
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.attn_drop = cfg.drop_rate
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, ops):
+        B, T, C = x.shape  # (B, T, C)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
+        # Strided views of one tensor, no copies: the kernels take any strides.
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        y = ops.attention(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_drop(self.out_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, ops):
+        # The bias add is left out of the matmul so that it fuses with the GELU that follows.
+        h = ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias)  # (B, T, 4C)
+        return self.drop(self.proj(h))  # (B, T, C)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, ops):
+        x = x + self.attn(self.norm1(x, ops), ops)  # (B, T, C): pre-LN, residual around attention
+        x = x + self.mlp(self.norm2(x, ops), ops)  # (B, T, C): pre-LN, residual around the MLP
+        return x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig, fused: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight  # GPT-2's weight tying: 38.6M fewer params
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each block adds two residual branches, so shrink their output
+        # projections by 1/sqrt(2 * n_layers) to keep the residual stream's variance from growing.
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        self.use_fused_kernels(fused)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def use_fused_kernels(self, fused: bool = True) -> "GPTModel":
+        """Run attention, LayerNorm, bias+GELU and cross-entropy on the Triton kernels (or not)."""
+        self.ops = get_ops(fused)
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return self.ops.name == "fused"
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+        if exclude_embeddings:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
+        B, T = idx.shape  # (B, T)
+        if B == 0 or T == 0:
+            raise ValueError(f"empty input: idx has shape {tuple(idx.shape)}")
+        if T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context length {self.cfg.context_length}"
+            )
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, self.ops)  # (B, T, C)
+        x = self.final_norm(x, self.ops)  # (B, T, C)
+        return self.out_head(x)  # (B, T, V)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy; logits (B, T, V), targets (B, T)."""
+        return self.ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)

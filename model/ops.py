@@ -1,0 +1,81 @@
+"""The seam between the model and its compute: the four ops a GPT spends its time in.
+
+`GPTModel` calls attention, layer norm, bias+GELU and cross-entropy only through an `Ops` object, so
+the same weights run on PyTorch's fastest built-ins (`TorchOps`, the default) or on this project's
+Triton kernels (`FusedOps`) by swapping one object: `GPTModel(cfg, fused=True)` or
+`model.use_fused_kernels(True)`. The plain book math for the same ops is in `kernels/reference.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i may see key j: j <= i + (Tk - Tq) (bottom-right aligned,
+    so that queries continuing a KV cache see the whole cached past)."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
+
+
+class TorchOps:
+    """PyTorch built-ins: `scaled_dot_product_attention` (flash/mem-efficient on CUDA), `F.layer_norm`, ..."""
+
+    name = "torch"
+
+    def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
+        # q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D)
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        if causal and Tq != Tk:
+            # SDPA's is_causal aligns the mask top-left; a cache continuation needs bottom-right.
+            mask = causal_mask(Tq, Tk, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+
+    def layer_norm(self, x, weight, bias, eps: float = 1e-5):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def bias_gelu(self, x, bias):
+        return F.gelu(x + bias, approximate="tanh")
+
+    def cross_entropy(self, logits, target, ignore_index: int = -100):
+        # logits: (N, V), target: (N,) -> scalar mean over non-ignored rows
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+class FusedOps:
+    """The Triton kernels of `kernels/`. Imported lazily: the PyTorch path needs no Triton."""
+
+    name = "fused"
+
+    def __init__(self):
+        import kernels  # noqa: F401  (fails early, with Triton's own message, if Triton is missing)
+
+    def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
+        from kernels import flash_attention
+
+        if dropout_p > 0.0:
+            raise ValueError(
+                "the fused attention kernel does not implement attention dropout; "
+                "use drop_rate=0 with --fused, or the PyTorch path"
+            )
+        return flash_attention(q, k, v, causal=causal)
+
+    def layer_norm(self, x, weight, bias, eps: float = 1e-5):
+        from kernels import layer_norm
+
+        return layer_norm(x, weight, bias, eps)
+
+    def bias_gelu(self, x, bias):
+        from kernels import bias_gelu
+
+        return bias_gelu(x, bias)
+
+    def cross_entropy(self, logits, target, ignore_index: int = -100):
+        from kernels import cross_entropy
+
+        return cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def get_ops(fused: bool):
+    return FusedOps() if fused else TorchOps()
