@@ -1,5 +1,6 @@
 """The reference GPT: configuration, model, tokenizer, data, generation."""
 
+from model.generate import generate, stream_generate
 from model.gpt import PRESETS, GPTConfig, GPTModel
 
-__all__ = ["GPTConfig", "GPTModel", "PRESETS"]
+__all__ = ["GPTConfig", "GPTModel", "PRESETS", "generate", "stream_generate"]

@@ -1,0 +1,193 @@
+"""Text generation (chapter 5 of the book), with a KV cache.
+
+Decoding samples one token at a time: run the model on the prompt, turn the logits of its last
+position into a next token (greedy, or sampled with temperature / top-k / top-p), append it, repeat.
+
+Without a cache (`use_cache=False`) every step re-runs the model on the whole prefix: O(T^2) work
+for T tokens. With the cache (`model/kv_cache.py`) the prompt is run once ("prefill"), its keys and
+values are kept, and each later step runs the model on the one new token only ("decode").
+
+Prompts of different lengths share one batch by RIGHT padding: causal attention means a real token
+never looks at the pads after it, so prefill needs no mask; each sequence's next token comes from
+the logits at its own last real token, and every later step writes sequence b's token at its own
+position lens[b]. Each prompt therefore gets exactly the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the next token
+# ----------------------------------------------------------------------------------------------
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+    if top_p is not None and top_p < 1.0:
+        # Nucleus: keep the smallest set of most likely tokens whose probabilities sum to >= top_p.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
+        # Drop a token when the tokens before it already reach top_p (the most likely always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # (B, V)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))  # (B, V)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # (B, V)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def _as_batch(idx, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (B, T) tensor or a list of 1-D token sequences -> right-padded (B, T) ids and lengths (B,)."""
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be non-empty (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
+        if idx.dtype.is_floating_point:
+            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        idx = idx.to(device=device, dtype=torch.long)
+        return idx, torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long, device=device)
+    seqs = [torch.as_tensor(s, dtype=torch.long).flatten() for s in idx]
+    if not seqs or any(s.numel() == 0 for s in seqs):
+        raise ValueError("every prompt needs at least one token, and there must be at least one prompt")
+    lens = torch.tensor([s.numel() for s in seqs], dtype=torch.long, device=device)  # (B,)
+    batch = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=device)  # (B, T)
+    for b, s in enumerate(seqs):
+        batch[b, : s.numel()] = s.to(device)
+    return batch, lens
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding loop
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def stream_generate(
+    model,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int | None = None,
+    prefill_chunk_size: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
+
+    A sequence that has produced `eos_id` is finished: its later entries are `pad_id` (default:
+    `eos_id`). The loop ends after `max_new_tokens` steps or when every sequence is finished.
+    Arguments are those of `generate`.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    tokens, lens = _as_batch(idx, device)  # (B, T), (B,)
+    B = tokens.shape[0]
+    ctx = model.cfg.context_length
+    longest = int(lens.max())
+    if longest + max_new_tokens > ctx:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} "
+            f"exceeds the model's context length {ctx}; shorten the prompt or ask for fewer tokens"
+        )
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    if max_new_tokens == 0:
+        return
+
+    was_training = model.training
+    model.eval()
+    try:
+        # Room for every token: the prompt, right-padded, then the new tokens written at lens[b].
+        buf = torch.full((B, longest + max_new_tokens), pad, dtype=torch.long, device=device)  # (B, L)
+        buf[:, :longest] = tokens
+        rows = torch.arange(B, device=device)  # (B,)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+        for step in range(max_new_tokens):
+            # The plain loop: the whole prefix again; causal attention keeps each row's pads
+            # (after its last real token) out of that token's logits.
+            logits = model(buf[:, : longest + step])  # (B, T, V)
+            last = logits[rows, lens - 1]  # (B, V): each sequence's own last real token
+            nxt = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
+            yield nxt
+            if eos_id is not None:
+                finished |= nxt == eos_id
+                if bool(finished.all()):
+                    return
+            buf[rows, lens] = nxt
+            lens = lens + 1
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int | None = None,
+    prefill_chunk_size: int | None = None,
+):
+    """Continue each prompt by up to `max_new_tokens` tokens.
+
+    idx: a (B, T) tensor of token ids, or a list of 1-D token sequences of different lengths.
+    temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to the
+    `top_k` most likely tokens and/or the smallest set whose probability reaches `top_p`. `seed`
+    (or a `generator`) makes sampling reproducible. A sequence stops at `eos_id` (kept in the
+    output); in a tensor result the rest of its row is `pad_id` (default: `eos_id`).
+    Raises ValueError if a prompt plus `max_new_tokens` would not fit the context length (nothing
+    is cropped silently).
+
+    Returns the same kind as `idx`: a (B, T + n) tensor (prompt then new tokens, n <= max_new_tokens),
+    or a list of token-id lists (each prompt then its own new tokens, stopping at eos).
+    """
+    steps = list(
+        stream_generate(
+            model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_id=eos_id, use_cache=use_cache, seed=seed, generator=generator, pad_id=pad_id,
+            prefill_chunk_size=prefill_chunk_size,
+        )
+    )
+    if isinstance(idx, torch.Tensor):
+        new = torch.stack(steps, dim=1) if steps else idx.new_zeros(idx.shape[0], 0)  # (B, n)
+        return torch.cat([idx.to(new.device, torch.long), new], dim=1)  # (B, T + n)
+    out = [list(map(int, torch.as_tensor(s).flatten().tolist())) for s in idx]
+    for b, seq in enumerate(out):
+        for step in steps:
+            tok = int(step[b])
+            seq.append(tok)
+            if eos_id is not None and tok == eos_id:
+                break
+    return out
