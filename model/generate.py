@@ -19,6 +19,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from model.kv_cache import KVCaches
+
 
 # ----------------------------------------------------------------------------------------------
 # Choosing the next token
@@ -79,6 +81,21 @@ def _as_batch(idx, device) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lens
 
 
+def _prefill(model, tokens, cache, chunk_size):
+    """Run the (right-padded) prompts through the model, filling the cache; logits (B, T, V).
+    In chunks of `chunk_size` tokens if given: the same result, with less activation memory."""
+    T = tokens.shape[1]
+    if chunk_size is None or chunk_size >= T:
+        return model(tokens, cache=cache, input_pos=0)  # (B, T, V)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be a positive int, got {chunk_size!r}")
+    chunks = [
+        model(tokens[:, s : s + chunk_size], cache=cache, input_pos=s)  # (B, chunk, V)
+        for s in range(0, T, chunk_size)
+    ]
+    return torch.cat(chunks, dim=1)  # (B, T, V)
+
+
 # ----------------------------------------------------------------------------------------------
 # The decoding loop
 # ----------------------------------------------------------------------------------------------
@@ -128,11 +145,16 @@ def stream_generate(
         buf[:, :longest] = tokens
         rows = torch.arange(B, device=device)  # (B,)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-        for step in range(max_new_tokens):
-            # The plain loop: the whole prefix again; causal attention keeps each row's pads
-            # (after its last real token) out of that token's logits.
-            logits = model(buf[:, : longest + step])  # (B, T, V)
+        if use_cache:
+            cache = KVCaches.for_model(model, B, max_len=longest + max_new_tokens)
+            logits = _prefill(model, tokens, cache, prefill_chunk_size)  # (B, T, V)
             last = logits[rows, lens - 1]  # (B, V): each sequence's own last real token
+        for step in range(max_new_tokens):
+            if not use_cache:
+                # The plain loop: the whole prefix again; causal attention keeps each row's pads
+                # (after its last real token) out of that token's logits.
+                logits = model(buf[:, : longest + step])  # (B, T, V)
+                last = logits[rows, lens - 1]  # (B, V)
             nxt = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
             yield nxt
@@ -140,7 +162,13 @@ def stream_generate(
                 finished |= nxt == eos_id
                 if bool(finished.all()):
                     return
-            buf[rows, lens] = nxt
+            if step == max_new_tokens - 1:
+                return  # the last token needs no forward
+            if use_cache:
+                # Decode: the one new token per sequence, at its own position lens[b].
+                last = model(nxt[:, None], cache=cache, input_pos=lens)[:, -1]  # (B, V)
+            else:
+                buf[rows, lens] = nxt
             lens = lens + 1
     finally:
         model.train(was_training)

@@ -83,12 +83,20 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, ops):
+    def forward(self, x, ops, cache=None, input_pos=None):
         B, T, C = x.shape  # (B, T, C)
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
         # Strided views of one tensor, no copies: the kernels take any strides.
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
-        y = ops.attention(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, T, D)
+        if cache is not None:
+            # Generation (model/kv_cache.py): store this step's keys and values, attend over the past too.
+            k, v = cache.update(k, v, input_pos)  # 2 x (B, H, Tk, D), Tk >= T
+        if isinstance(input_pos, torch.Tensor):
+            # Per-sequence positions: query t of sequence b sees keys <= input_pos[b] + t.
+            y = ops.decode_attention(q, k, v, seq_lens=input_pos + T)  # (B, H, T, D)
+        else:
+            # Bottom-right causal: with a cache, the T queries see all input_pos earlier keys.
+            y = ops.attention(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_drop(self.out_proj(y))  # (B, T, C)
 
@@ -114,8 +122,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, ops):
-        x = x + self.attn(self.norm1(x, ops), ops)  # (B, T, C): pre-LN, residual around attention
+    def forward(self, x, ops, cache=None, input_pos=None):
+        x = x + self.attn(self.norm1(x, ops), ops, cache, input_pos)  # (B, T, C): pre-LN, residual around attention
         x = x + self.mlp(self.norm2(x, ops), ops)  # (B, T, C): pre-LN, residual around the MLP
         return x
 
@@ -162,7 +170,13 @@ class GPTModel(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache=None, input_pos=None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T).
+
+        With a KV cache (`model.kv_cache.KVCaches`), idx holds the tokens that follow what the cache
+        already holds: they sit at positions input_pos + t, where input_pos is an int (every
+        sequence alike; default 0) or a (B,) tensor (each sequence its own length).
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape  # (B, T)
@@ -172,10 +186,20 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"sequence length {T} exceeds the model's context length {self.cfg.context_length}"
             )
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        if cache is None:
+            if input_pos is not None:
+                raise ValueError("input_pos is only meaningful with a KV cache (cache=...)")
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            input_pos = 0 if input_pos is None else input_pos
+            cache.check(B, T, input_pos)  # a clear error on cache overflow, before any write
+            if isinstance(input_pos, torch.Tensor):
+                pos = input_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T): per sequence
+            else:
+                pos = torch.arange(input_pos, input_pos + T, device=idx.device)  # (T,)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, self.ops)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.ops, cache.layers[i] if cache is not None else None, input_pos)  # (B, T, C)
         x = self.final_norm(x, self.ops)  # (B, T, C)
         return self.out_head(x)  # (B, T, V)
 

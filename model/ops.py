@@ -32,6 +32,14 @@ class TorchOps:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
 
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
+        # q: (B, H, Tq, D), k/v_cache: (B, H, L, D), seq_lens: (B,) -> (B, H, Tq, D).
+        # Sequence b holds seq_lens[b] keys, its Tq queries last: query t sits at seq_lens[b] - Tq + t.
+        Tq, L = q.shape[-2], k_cache.shape[-2]
+        q_pos = seq_lens[:, None] - Tq + torch.arange(Tq, device=q.device)  # (B, Tq)
+        mask = torch.arange(L, device=q.device) <= q_pos[:, :, None]  # (B, Tq, L): key j <= query's position
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None], scale=sm_scale)
+
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
@@ -60,6 +68,11 @@ class FusedOps:
                 "use drop_rate=0 with --fused, or the PyTorch path"
             )
         return flash_attention(q, k, v, causal=causal)
+
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
+        from kernels import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=sm_scale)
 
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
         from kernels import layer_norm
