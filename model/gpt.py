@@ -203,6 +203,19 @@ class GPTModel(nn.Module):
         x = self.final_norm(x, self.ops)  # (B, T, C)
         return self.out_head(x)  # (B, T, V)
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "GPTModel":
+        """Load a Hugging Face GPT-2 checkpoint (folder or .safetensors file); see model/weights.py."""
+        from model.weights import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, folder):
+        """Save as config.json + model.safetensors in Hugging Face's GPT-2 layout; see model/weights.py."""
+        from model.weights import save_pretrained
+
+        return save_pretrained(self, folder)
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; logits (B, T, V), targets (B, T)."""
         return self.ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
