@@ -1,0 +1,351 @@
+"""Fused bias + GELU: the MLP's first activation in one read and one write, and its backward in one pass.
+
+The math
+--------
+GPT-2's MLP computes h = GELU(x W^T + b). The matmul is cuBLAS's business; this file takes its output
+x (rows of width N = 4C) and the bias b (N,) and applies, elementwise with z = x + b,
+
+    GELU(z) = 0.5 z (1 + tanh(u)),     u = k0 (z + k1 z^3),   k0 = sqrt(2/pi),  k1 = 0.044715
+
+(the "tanh approximation", `F.gelu(z, approximate="tanh")`). Triton's interpreter has no tanh, and a
+naive tanh(u) = (e^u - e^-u) / (e^u + e^-u) overflows to inf/inf = NaN once |u| > 44 (z ~ 10 already
+gives u ~ 44 through the cube). The identity that saves us is
+
+    0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + e^(-2u))      so      GELU(z) = z * sigmoid(2u).
+
+We evaluate the sigmoid with only e^(-2|u|), which lies in (0, 1] and cannot overflow:
+
+    a = exp(-2|u|);   sigmoid(2|u|) = 1 / (1 + a);   sigmoid(-2|u|) = a / (1 + a)
+
+and pick by the sign of u. Both s = sigmoid(2u) and its complement 1 - s come out of this without
+a subtraction, so neither tail loses precision to cancellation.
+
+The backward, derived
+---------------------
+With s = sigmoid(2u), 1 + tanh(u) = 2s and 1 - tanh(u)^2 = (1 - t)(1 + t) = 4 s (1 - s), hence
+
+    dGELU/dz = 0.5 (1 + t) + 0.5 z (1 - t^2) du/dz
+             = s + 2 z s (1 - s) k0 (1 + 3 k1 z^2).
+
+dz/dx = 1 and dz/db = 1, so dX = dY * GELU'(z) and dBias = sum over rows of dX: the bias gradient is
+a column sum of the very values the kernel is writing. The backward needs z, and z = x + b is one add
+away from the input x, which autograd keeps anyway: we save x (not the output, not z) and recompute
+z, u and s in registers. Recomputing costs a few dozen FLOPs per element; the alternative, saving an
+extra (M, N) activation, costs memory and a read.
+
+dBias without races
+-------------------
+Many programs own the same columns (different rows), so they cannot all add into one (N,) vector
+without atomics, and fp32 atomics make the sum's rounding depend on scheduling (non-deterministic).
+Instead each program sums its own group of rows into a row of a (n_groups, N) fp32 buffer, and a
+second, tiny kernel (`_sum_partials_kernel`) adds up the n_groups rows in a fixed order. The answer
+is the same bit for bit on every run. `layer_norm.py` reuses the same kernel for dW and dB.
+
+Memory traffic (GPT-2 124M, B*T = 8192 rows, N = 4C = 3072, bf16: one (8192, 3072) tensor = 50.3 MB)
+-----------------------------------------------------------------------------------------------------
+Elementwise ops are pure memory traffic: the FLOPs are free, every pass over memory is not.
+    the book's formula, eager (z = x + b, z**3, *k1, +z, *k0, tanh, 1+, 0.5*z, *):
+        9 kernels, 20 tensor reads/writes                         forward  20 x 50.3 MB = 1007 MB
+    PyTorch, x + b then F.gelu(approximate="tanh"): 2 kernels    forward   4 x 50.3 MB =  201 MB
+                                                                  backward  4 x 50.3 MB =  201 MB
+        (gelu_backward reads z and dY and writes dZ; the bias gradient reads dZ once more)
+    fused (this file)                                             forward   2 x 50.3 MB =  101 MB
+        (read x, write GELU)                                      backward  3 x 50.3 MB =  151 MB
+        (read x and dY, write dX; dBias from registers, plus n_groups x N x 4 B of partial sums,
+         about 0.5 MB on an H100)
+Per layer and training step 403 MB become 252 MB; over GPT-2 124M's 12 layers, 4.8 GB become 3.0 GB.
+Both versions keep one (M, N) tensor alive for backward (z for PyTorch, x here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    CompileSpec,
+    check_device,
+    check_dtype,
+    check_ndim,
+    device_guard,
+    next_power_of_2,
+)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_OP = "bias_gelu"
+_K0 = math.sqrt(2.0 / math.pi)
+_K1 = 0.044715
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gelu_sigmoid(z):
+    """s = sigmoid(2u) and 1 - s, u = k0 (z + k1 z^3), from exp(-2|u|) only (never overflows)."""
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)  # sqrt(2/pi) (z + k1 z^3)
+    a = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]; z^3 may be inf for |z| > 1e12: then a = 0, still fine
+    big = 1.0 / (1.0 + a)  # sigmoid(2|u|), in [0.5, 1]
+    small = a * big  # sigmoid(-2|u|) = 1 - big, computed without the subtraction
+    pos = u >= 0
+    return tl.where(pos, big, small), tl.where(pos, small, big)
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    X,  # (M, N) fp32/fp16/bf16, row stride stride_x_row, unit column stride
+    BIAS,  # (N,) fp32 or X's dtype
+    Y,  # (M, N) X's dtype, contiguous
+    stride_x_row,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # A 2-D tile of rows x columns: the bias slice is loaded once per tile and broadcast down its rows.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows[:, None] < M) & col_ok[None, :]
+    b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = x + b[None, :]  # fp32: the add is not rounded to bf16 before the GELU, unlike `x + b` in eager
+    s, _ = _gelu_sigmoid(z)
+    tl.store(Y + rows[:, None] * N + cols[None, :], (z * s).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    X,  # (M, N) as in the forward: row stride stride_x_row
+    BIAS,  # (N,)
+    DY,  # (M, N) row stride stride_dy_row (0 for a broadcast gradient)
+    DX,  # (M, N) X's dtype, contiguous
+    DBIAS_PARTIAL,  # (n_groups, N) fp32, contiguous: row g = sum of dX over the rows of group g
+    stride_x_row,
+    stride_dy_row,
+    M,
+    N,
+    rows_per_group,  # a multiple of BLOCK_M
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    group = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = group.to(tl.int64) * rows_per_group
+    # Walk this group's row tiles, keeping the column sums of dX in registers; out-of-range rows load
+    # dY = 0 and so add 0.
+    for m in range(0, rows_per_group, BLOCK_M):
+        rows = row_start + m + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = x + b[None, :]  # recomputed, exactly as the forward computed it
+        s, one_minus_s = _gelu_sigmoid(z)
+        dgelu = s + 2.0 * z * s * one_minus_s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        dx = dy * dgelu
+        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        acc += dx  # the fp32 dX, before it is rounded to X's dtype
+    tl.store(DBIAS_PARTIAL + group * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PARTIAL,  # (n_groups, N) fp32, contiguous
+    OUT,  # (N,) any float dtype
+    n_groups,
+    N,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per BLOCK_N columns, walking down all n_groups rows: a fixed order, so a fixed answer.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g in range(0, n_groups, BLOCK_G):
+        grp = g + tl.arange(0, BLOCK_G)
+        mask = (grp[:, None] < n_groups) & col_ok[None, :]
+        acc += tl.load(PARTIAL + grp[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+# A tile of TILE elements per program: 4096 fp32 values over 4 warps is 32 per thread, enough
+# independent loads in flight to cover memory latency. BLOCK_N follows the width up to MAX_BLOCK_N
+# and BLOCK_M fills the rest of the tile, so a narrow row is not padded to 256 columns.
+TILE = 4096
+MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
+NUM_WARPS = 4
+NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
+# The partial-sum reduction: 32 groups x 128 columns per step.
+SUM_BLOCK_G, SUM_BLOCK_N = 32, 128
+
+# Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
+# enough that the (n_groups, N) fp32 buffer stays a small fraction of the traffic. Off-GPU the count
+# is arbitrary; a handful of groups keeps the interpreter fast and still exercises the reduction.
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 4
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def _launch_config(N: int) -> dict:
+    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
+    return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
+def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride and any row stride. `reshape` is a view whenever
+    the rows are evenly spaced (a contiguous tensor, a column slice of a wider one, an expanded
+    gradient); it copies only when they are not (e.g. a permuted 3-D tensor). Columns must be unit
+    stride for coalesced, vectorized loads; a tensor whose last dim is strided is copied once."""
+    t2 = t.reshape(-1, N)
+    return t2 if t2.stride(1) == 1 or N == 1 else t2.contiguous()
+
+
+def _sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n_groups, N) fp32 -> (N,) column sums in `dtype`."""
+    n_groups, N = partial.shape
+    out = torch.empty(N, dtype=dtype, device=partial.device)
+    with device_guard(partial.device):
+        _sum_partials_kernel[(triton.cdiv(N, SUM_BLOCK_N),)](
+            partial, out, n_groups, N,
+            BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+    return out
+
+
+def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
+    """y (M, N) contiguous <- GELU(x2 + bias). x2 from `_as_rows`, inputs checked."""
+    M, N = x2.shape
+    if M == 0:
+        return
+    cfg = _launch_config(N)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    with device_guard(x2.device):
+        _bias_gelu_fwd_kernel[grid](x2, bias, y, x2.stride(0), M, N, **cfg)
+
+
+def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """dx (M, N) contiguous <- dy2 * GELU'(x2 + bias); returns dBias (N,) in bias's dtype."""
+    M, N = x2.shape
+    if M == 0:
+        return torch.zeros_like(bias)
+    cfg = _launch_config(N)
+    n_col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    n_row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    want_groups = max(1, min(n_row_tiles, _target_programs(x2.device) // n_col_blocks))
+    tiles_per_group = triton.cdiv(n_row_tiles, want_groups)
+    n_groups = triton.cdiv(n_row_tiles, tiles_per_group)  # no empty group at the end
+    partial = torch.empty((n_groups, N), dtype=torch.float32, device=x2.device)
+    with device_guard(x2.device):
+        _bias_gelu_bwd_kernel[(n_groups, n_col_blocks)](
+            x2, bias, dy2, dx, partial, x2.stride(0), dy2.stride(0), M, N,
+            tiles_per_group * cfg["BLOCK_M"], **cfg,
+        )
+    return _sum_partials(partial, bias.dtype)
+
+
+def _check_inputs(x, bias):
+    if not isinstance(x, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{_OP}: x and bias must be tensors")
+    check_dtype(x, "x", _OP)
+    check_dtype(bias, "bias", _OP)
+    if bias.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{_OP}: bias must be float32 or x's dtype {x.dtype}, got {bias.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{_OP}: x must have at least one dimension, got a scalar")
+    check_ndim(bias, "bias", _OP, 1, f"(N,) with N = x.shape[-1] = {x.shape[-1]}")
+    if bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected ({x.shape[-1]},) = x.shape[-1]")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{_OP}: x has an empty last dimension, shape {tuple(x.shape)}")
+    check_device(x, bias, op=_OP)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+class BiasGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias):
+        _check_inputs(x, bias)
+        N = x.shape[-1]
+        x2 = _as_rows(x, N)
+        bias = bias.contiguous()
+        y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        _bias_gelu_fwd(x2, bias, y)
+        ctx.save_for_backward(x2, bias)  # the input only: z, u and s are recomputed in backward
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, bias = ctx.saved_tensors
+        dy2 = _as_rows(dy, x2.shape[1])
+        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        dbias = _bias_gelu_bwd(dy2, x2, bias, dx)
+        return dx.view(ctx.x_shape), dbias
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x + bias, approximate="tanh") in one pass, bias (N,) broadcast over the last dim of x
+    (any leading shape, any strides). The result has x's dtype (PyTorch's type promotion would give
+    fp32 for bf16 x and an fp32 bias; the MLP wants its activations in the compute dtype). Arithmetic
+    is fp32. Gradients flow to x and bias, each in its own dtype."""
+    return BiasGeluFunction.apply(x, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs: every configuration `_launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
+# filling a 4096-element tile), per input dtype with an fp32 bias (the model's parameters are fp32).
+# ----------------------------------------------------------------------------------------------
+_CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
+
+COMPILE_SPECS = [
+    spec
+    for ty in ("fp32", "fp16", "bf16")
+    for spec in (
+        CompileSpec(
+            name=f"bias_gelu.fwd.{ty}",
+            kernel=_bias_gelu_fwd_kernel,
+            signature={
+                "X": f"*{ty}", "BIAS": "*fp32", "Y": f"*{ty}", "stride_x_row": "i32", "M": "i32", "N": "i32",
+                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            },
+            configs=_CONFIGS,
+        ),
+        CompileSpec(
+            name=f"bias_gelu.bwd.{ty}",
+            kernel=_bias_gelu_bwd_kernel,
+            signature={
+                "X": f"*{ty}", "BIAS": "*fp32", "DY": f"*{ty}", "DX": f"*{ty}", "DBIAS_PARTIAL": "*fp32",
+                "stride_x_row": "i32", "stride_dy_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
+                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            },
+            configs=_CONFIGS,
+        ),
+    )
+] + [
+    CompileSpec(
+        name=f"sum_partials.{ty}",
+        kernel=_sum_partials_kernel,
+        signature={"PARTIAL": "*fp32", "OUT": f"*{ty}", "n_groups": "i32", "N": "i32",
+                   "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
+        configs=[{"BLOCK_G": SUM_BLOCK_G, "BLOCK_N": SUM_BLOCK_N, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}],
+    )
+    for ty in ("fp32", "fp16", "bf16")
+]

@@ -1,0 +1,279 @@
+"""LayerNorm: a row reduction in the forward, and a backward whose weight gradients need no atomics.
+
+The math
+--------
+For one row x of width N (the embedding, C = 768 ... 1600 in GPT-2), with learned weight w and bias b:
+
+    mean = (1/N) sum_j x_j,    var = (1/N) sum_j (x_j - mean)^2,    rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd,  y = xhat * w + b
+
+A whole row (N <= MAX_N = 16384) fits in one program's registers, so the forward reads x once,
+computes the mean, then the variance from the centred values already in registers (two-pass, exact;
+the one-pass E[x^2] - E[x]^2 cancels catastrophically for rows with a large mean), and writes y. It
+also writes mean and rstd (fp32, 8 bytes a row) so that the backward need not reduce the row again.
+
+The backward, derived
+---------------------
+Let g = dY * w (elementwise). y depends on x through xhat, and every xhat_j depends on every x_i
+through mean and rstd:
+
+    d xhat_j / d x_i = rstd * ([i == j] - 1/N - xhat_i xhat_j / N)
+
+(the 1/N from the mean, the xhat_i xhat_j / N from rstd: d rstd / d x_i = -rstd^2 xhat_i / N). So
+
+    dX_i = sum_j g_j d xhat_j / d x_i = rstd * (g_i - c2 - xhat_i c1),
+    c1 = (1/N) sum_j g_j xhat_j,   c2 = (1/N) sum_j g_j
+
+two row reductions, then an elementwise update: one program per row again. The parameter gradients
+sum over rows instead:
+
+    dW = sum over rows of dY * xhat,     dB = sum over rows of dY.
+
+dW and dB without races
+-----------------------
+Every row contributes to every column of dW, so row-programs cannot all add into one (N,) vector
+without atomics (or the Triton tutorial's locks), and fp32 atomics make the rounding depend on
+which program got there first. Here each program owns a contiguous group of rows, keeps its running
+dY * xhat and dY in fp32 registers while it walks them, and writes one row of a (n_groups, 2N) fp32
+buffer (dW partials, then dB partials). `bias_gelu._sum_partials_kernel` then adds the n_groups rows
+up in a fixed order: deterministic, and the extra traffic is 2 x n_groups x 2N x 4 B.
+
+Memory traffic (GPT-2 124M, B*T = 8192 rows, C = 768, bf16: one (8192, 768) tensor = 12.6 MB)
+-------------------------------------------------------------------------------------------------
+    the book's formula, eager (mean, var, x - mean, / sqrt, * w, + b): six kernels over the row tensor,
+        10 reads/writes of (M, C)                                         forward 10 x 12.6 MB = 126 MB
+    fused (this file, and PyTorch's own F.layer_norm, which is fused too)
+        read x, write y (+ 64 KB of mean/rstd)                            forward  2 x 12.6 MB =  25 MB
+        read x and dY, write dX; partial sums 2 x 264 x 1536 x 4 B        backward 3 x 12.6 MB + 3.2 MB
+        (264 groups = 2 per SM on a 132-SM H100)                                               =  41 MB
+The book's formula's backward is worse still: autograd keeps x - mean, the (M, 1) statistics and
+xhat alive and walks each elementwise op backwards. GPT-2 124M runs 25 LayerNorms per forward (two per
+block and the final one), so fused LayerNorm moves 0.6 GB a forward instead of 3.2 GB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    CompileSpec,
+    check_device,
+    check_dtype,
+    device_guard,
+    next_power_of_2,
+)
+from kernels.bias_gelu import NUM_STAGES, _as_rows, _sum_partials, _target_programs
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_OP = "layer_norm"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) fp32/fp16/bf16, row stride stride_x_row, unit column stride
+    W,  # (N,) fp32 or X's dtype
+    B,  # (N,) fp32 or X's dtype
+    Y,  # (M, N) X's dtype, contiguous
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    stride_x_row,
+    N,
+    eps,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: M * N passes 2^31 at 131,072 rows of width 16,384
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    # Padding lanes loaded 0, but 0 - mean is not 0: zero them before they enter the variance.
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,  # (M, N) as in the forward: row stride stride_x_row
+    W,  # (N,)
+    DY,  # (M, N) row stride stride_dy_row (0 for a broadcast gradient)
+    DX,  # (M, N) X's dtype, contiguous
+    MEAN,  # (M,) fp32, from the forward
+    RSTD,  # (M,) fp32, from the forward
+    PARTIAL,  # (n_groups, 2N) fp32, contiguous: [g, :N] = sum of dY * xhat, [g, N:] = sum of dY over group g
+    stride_x_row,
+    stride_dy_row,
+    M,
+    N,
+    rows_per_group,
+    BLOCK_N: tl.constexpr,
+):
+    group = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # loaded once for all the group's rows
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = group.to(tl.int64) * rows_per_group
+    row_end = tl.minimum(row_start + rows_per_group, M)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * w  # 0 on padding lanes (dy loaded 0 there)
+        c1 = tl.sum(g * xhat, axis=0) / N
+        c2 = tl.sum(g, axis=0) / N
+        dx = (g - c2 - xhat * c1) * rstd
+        tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    tl.store(PARTIAL + group * (2 * N) + cols, dw, mask=mask)
+    tl.store(PARTIAL + group * (2 * N) + N + cols, db, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+# One program holds a whole row: BLOCK_N = next power of 2 >= N. The warps grow with the row so that
+# each thread keeps at most 32 fp32 values (16 warps x 32 lanes x 32 = 16384); beyond MAX_N a row
+# would spill registers, and this kernel refuses rather than silently slowing to a crawl.
+MIN_BLOCK_N, MAX_N = 16, 16384
+# Row groups for dW/dB: fewer than bias_gelu's (a row here is one program's whole loop iteration,
+# not a tile), since every group costs a 2N-wide partial row written and read back.
+GROUPS_PER_PROGRAM_TARGET = 2  # n_groups = _target_programs / 2 = 2 per SM on a GPU
+
+
+def _launch_config(N: int) -> dict:
+    block_n = max(next_power_of_2(N), MIN_BLOCK_N)
+    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16), "num_stages": NUM_STAGES}
+
+
+def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd) -> None:
+    """y (M, N) contiguous, mean and rstd (M,) fp32 <- LayerNorm of x2's rows. Inputs checked."""
+    M, N = x2.shape
+    if M == 0:
+        return
+    with device_guard(x2.device):
+        _layer_norm_fwd_kernel[(M,)](x2, weight, bias, y, mean, rstd, x2.stride(0), N, eps, **_launch_config(N))
+
+
+def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype):
+    """dx (M, N) contiguous <- dX; returns (dW, dB), (N,) each in the given dtypes."""
+    M, N = x2.shape
+    if M == 0:
+        return torch.zeros(N, dtype=weight_dtype, device=x2.device), torch.zeros(N, dtype=bias_dtype, device=x2.device)
+    want_groups = max(1, min(M, _target_programs(x2.device) // GROUPS_PER_PROGRAM_TARGET))
+    rows_per_group = triton.cdiv(M, want_groups)
+    n_groups = triton.cdiv(M, rows_per_group)  # no empty group at the end
+    partial = torch.empty((n_groups, 2 * N), dtype=torch.float32, device=x2.device)
+    with device_guard(x2.device):
+        _layer_norm_bwd_kernel[(n_groups,)](
+            x2, weight, dy2, dx, mean, rstd, partial, x2.stride(0), dy2.stride(0), M, N, rows_per_group,
+            **_launch_config(N),
+        )
+    dwdb = _sum_partials(partial, torch.float32)  # (2N,): one reduction launch for both gradients
+    return dwdb[:N].to(weight_dtype), dwdb[N:].to(bias_dtype)
+
+
+def _check_inputs(x, weight, bias, eps):
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
+        check_dtype(t, name, _OP)
+    if x.dim() == 0:
+        raise ValueError(f"{_OP}: x must have at least one dimension, got a scalar")
+    N = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (N,):
+            raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, expected ({N},) = x.shape[-1]")
+        if t.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{_OP}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+    if not 1 <= N <= MAX_N:
+        raise ValueError(f"{_OP}: the normalized dim must have 1 to {MAX_N} elements, got shape {tuple(x.shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
+    check_device(x, weight, bias, op=_OP)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps=1e-5):
+        _check_inputs(x, weight, bias, eps)
+        N = x.shape[-1]
+        x2 = _as_rows(x, N)
+        weight, bias = weight.contiguous(), bias.contiguous()
+        y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        _layer_norm_fwd(x2, weight, bias, float(eps), y, mean, rstd)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        dy2 = _as_rows(dy, x2.shape[1])
+        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, ctx.bias_dtype)
+        return dx.view(ctx.x_shape), dw, db, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """F.layer_norm(x, (N,), weight, bias, eps) over the last dim N of x (any leading shape, any
+    strides, 1 <= N <= 16384). weight and bias are (N,), fp32 or x's dtype; the output has x's dtype;
+    statistics and accumulation are fp32. Gradients flow to x, weight and bias, each in its own dtype."""
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 16384 (num_warps
+# 1 ... 16), per input dtype with fp32 weight and bias (the model's parameters are fp32). The dW/dB
+# reduction is `bias_gelu`'s `_sum_partials_kernel`, listed in its COMPILE_SPECS.
+# ----------------------------------------------------------------------------------------------
+_CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_N)) + 1)]
+
+COMPILE_SPECS = [
+    spec
+    for ty in ("fp32", "fp16", "bf16")
+    for spec in (
+        CompileSpec(
+            name=f"layer_norm.fwd.{ty}",
+            kernel=_layer_norm_fwd_kernel,
+            signature={
+                "X": f"*{ty}", "W": "*fp32", "B": "*fp32", "Y": f"*{ty}", "MEAN": "*fp32", "RSTD": "*fp32",
+                "stride_x_row": "i32", "N": "i32", "eps": "fp32", "BLOCK_N": "constexpr",
+            },
+            configs=_CONFIGS,
+        ),
+        CompileSpec(
+            name=f"layer_norm.bwd.{ty}",
+            kernel=_layer_norm_bwd_kernel,
+            signature={
+                "X": f"*{ty}", "W": "*fp32", "DY": f"*{ty}", "DX": f"*{ty}", "MEAN": "*fp32", "RSTD": "*fp32",
+                "PARTIAL": "*fp32", "stride_x_row": "i32", "stride_dy_row": "i32", "M": "i32", "N": "i32",
+                "rows_per_group": "i32", "BLOCK_N": "constexpr",
+            },
+            configs=_CONFIGS,
+        ),
+    )
+]
