@@ -60,7 +60,7 @@ class FusedOps:
         import kernels  # noqa: F401  (fails early, with Triton's own message, if Triton is missing)
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
-        from kernels import flash_attention
+        from kernels.flash_attention import flash_attention
 
         if dropout_p > 0.0:
             raise ValueError(
@@ -70,22 +70,22 @@ class FusedOps:
         return flash_attention(q, k, v, causal=causal)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
-        from kernels import decode_attention
+        from kernels.decode_attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=sm_scale)
 
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
-        from kernels import layer_norm
+        from kernels.layer_norm import layer_norm
 
         return layer_norm(x, weight, bias, eps)
 
     def bias_gelu(self, x, bias):
-        from kernels import bias_gelu
+        from kernels.bias_gelu import bias_gelu
 
         return bias_gelu(x, bias)
 
     def cross_entropy(self, logits, target, ignore_index: int = -100):
-        from kernels import cross_entropy
+        from kernels.cross_entropy import cross_entropy
 
         return cross_entropy(logits, target, ignore_index=ignore_index)
 
