@@ -1,0 +1,412 @@
+"""Flash-decoding: a few new query tokens against a long KV cache, the key axis split across programs.
+
+Generation with a KV cache (model/kv_cache.py, model/generate.py) runs the model on one new token
+per step (or a handful, for speculative / chunked steps). Each layer's attention then computes, for
+every (sequence b, head h),
+
+    o_t = softmax(q_t K^T * scale + mask) V        q_t: (D,), K, V: (L, D), t < Tq (Tq = 1 .. 16)
+
+where K and V are the first L = seq_lens[b] rows of a preallocated cache of L_max rows. Rows past
+seq_lens[b] are garbage (stale tokens of a finished sequence, or never written) and must not leak.
+Query t sits at absolute position seq_lens[b] - Tq + t (its own key is already in the cache) and
+sees keys j <= that position: the causal mask aligned bottom-right, per sequence.
+
+Why decode is memory-bound
+--------------------------
+Take gpt2-124M (12 layers, 12 heads of D = 64, d_model = 768) at 1024 tokens of context, fp16.
+Per generated token each layer reads its whole K and V cache once:
+
+    bytes  = 12 layers * 2 (K and V) * 1024 * 768 * 2 B           = 37.7 MB per token
+    FLOPs  = 12 layers * 2 (q.k and p.v) * 2 * 1024 * 768          = 37.7 MFLOP per token
+
+one FLOP per byte. An H100 does ~990 TFLOP/s of fp16 tensor-core math but moves ~3.35 TB/s, so it
+needs ~300 FLOPs per byte to keep its math units busy; decode attention offers 1. Its time is the
+time to stream the cache, ~11 us per token here, no matter how the arithmetic is done. So this
+kernel does its arithmetic in plain fp32 (no tensor cores needed for Tq = 1), reads each cache byte
+exactly once, and the only thing that matters is keeping enough memory requests in flight.
+
+Why one program per (b, h) is not enough
+----------------------------------------
+The training kernel (flash_attention.py) parallelises over (b, h, query block). At decode time there
+is one query block, so that gives B * H programs: 12 at batch 1 for gpt2-124M, on a GPU with 132
+SMs (H100; 108 on an A100). Eleven SMs in twelve sit idle, and one SM alone cannot pull more than a
+small fraction of the HBM bandwidth. Flash-decoding (Dao et al., 2023) also splits the *key* axis
+into NUM_SPLITS chunks, one program each: grid = (B * H, NUM_SPLITS). The launcher picks NUM_SPLITS
+so that there are about 2 programs per SM (capped, and never more splits than key blocks).
+
+Why split + combine is exact
+----------------------------
+Let split i cover the key set S_i, with scores s_j (already scaled and masked). The split kernel
+returns its own softmax-normalised output and its log-sum-exp:
+
+    lse_i = log sum_{j in S_i} exp(s_j)              o_i = sum_{j in S_i} exp(s_j - lse_i) v_j
+
+(computed with the usual online softmax over blocks of BLOCK_N keys, in fp32). Since
+exp(lse_i) = sum_{j in S_i} exp(s_j), the softmax over all keys is
+
+    o = sum_j exp(s_j) v_j / sum_j exp(s_j) = sum_i exp(lse_i) o_i / sum_i exp(lse_i)
+      = sum_i w_i o_i,        w_i = exp(lse_i - lse_max) / sum_k exp(lse_k - lse_max)
+
+which is what the combine kernel computes (subtracting lse_max = max_i lse_i changes nothing
+mathematically and keeps every exp <= 1). No approximation: the only error is fp32 rounding.
+A split with no visible key (past the sequence's end, or past a query's causal position) has
+lse_i = -inf and weight exp(-inf - lse_max) = 0. Split 0 always holds key 0, which every query
+sees, so lse_max is finite and the combine never computes -inf - (-inf) = NaN.
+
+Memory traffic: the split kernel reads K and V once (2 * L * D elements per (b, h)) and writes
+NUM_SPLITS * Tq * (D + 1) fp32 partials; the combine reads those back and writes Tq * D outputs.
+For gpt2-124M at batch 1 and 1024 tokens that is 256 KB of cache per head against ~2 KB of
+partials per query: the combine costs under 1 % of the traffic and one more (tiny) launch.
+
+Implementation notes
+--------------------
+* Everything is computed in fp32 (loads are cast up; the interpreter cannot do bf16 math), and
+  exp2/log2 are used with the scale folded into log2(e) * sm_scale; the partial lse is in base 2.
+* Tq == 1 (BLOCK_T = 1): scores and p.V are broadcast-multiply-and-sum, exactly the FLOPs needed.
+  1 < Tq <= 16 (BLOCK_T = 16): a tl.dot padded to 16 rows (a dot needs M >= 16); the waste is
+  compute, which decode has to spare. fp32 dots use input_precision="ieee" (no TF32 rounding).
+* seq_lens is validated on the host (one device-to-host sync per call): a bad length would otherwise
+  read garbage silently. Strided cache views are fine (all strides are passed).
+* Inference only: there is no backward (generation never differentiates through the cache), so
+  there is no autograd.Function, and inputs that require grad are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels._common import (
+    FLOAT_DTYPES,
+    CompileSpec,
+    check_device,
+    check_dtype,
+    check_ndim,
+    device_guard,
+    next_power_of_2,
+)
+
+import triton  # noqa: E402  (after kernels._common, which picks the interpreter when there is no GPU)
+import triton.language as tl  # noqa: E402
+
+MAX_TQ = 16  # queries per step: 1 for plain decoding, a few for speculative / chunked steps
+MAX_HEAD_DIM = 128
+MAX_SPLITS = 128  # more splits than this only adds combine work: 128 * B * H programs fill any GPU
+PROGRAMS_PER_SM = 2  # enough resident programs per SM to hide memory latency
+COMBINE_BLOCK_S = 16  # splits the combine kernel merges per step
+NUM_WARPS = 4
+NUM_STAGES = 2
+# The interpreter has no SMs; pretend an H100 so that CPU runs pick the splits a GPU would.
+_NOMINAL_SM_COUNT = 132
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attention_fwd_kernel(
+    Q,  # (B, H, Tq, D), any strides: the current step's queries
+    K,  # (B, H, L_max, D), any strides: the key cache; rows >= seq_lens[b] are garbage
+    V,  # (B, H, L_max, D), any strides: the value cache; rows >= seq_lens[b] are garbage
+    SeqLens,  # (B,) int32: valid cache rows per sequence (the newest Tq are the queries' own keys)
+    O_part,  # (B * H, num_splits, Tq, D) fp32 contiguous: each split's normalised partial output
+    LSE_part,  # (B * H, num_splits, Tq) fp32 contiguous: each split's log2-sum-exp2 of its scores
+    qk_scale,  # sm_scale * log2(e): scores come out in base 2, for exp2
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H, Tq, D,
+    n_blocks,  # cdiv(L_max, BLOCK_N): the key blocks the splits share out
+    num_splits,
+    BLOCK_T: tl.constexpr,  # 1 (Tq == 1) or 16 (a padded tl.dot)
+    BLOCK_N: tl.constexpr,  # keys per inner step
+    BLOCK_D: tl.constexpr,  # next power of 2 >= D (at least 64)
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    seq_len = tl.load(SeqLens + b)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_mask = offs_t < Tq
+    d_mask = offs_d < D
+
+    # int64 for the (b, h) offsets: a big cache (or a view into an all-layers buffer) can pass 2^31.
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_ptrs += offs_t[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = q * qk_scale  # once per program instead of once per score
+    # Query t's absolute position. Padding rows (t >= Tq) see every real key: harmless, never stored.
+    q_pos = seq_len - Tq + offs_t
+
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    # Split s owns key blocks [s * n_blocks // num_splits, (s + 1) * n_blocks // num_splits): an even
+    # deal for any num_splits. A split past the sequence's end gets hi <= lo: no iterations, no loads.
+    lo = (split * n_blocks // num_splits) * BLOCK_N
+    hi = tl.minimum(((split + 1) * n_blocks // num_splits) * BLOCK_N, seq_len)
+
+    m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)  # running max of the base-2 scores
+    l_i = tl.zeros([BLOCK_T], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_kn = start_n + offs_n
+        n_mask = offs_kn < hi  # masks the garbage past seq_len: it is never even loaded
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        k = k.to(tl.float32)
+        if BLOCK_T == 1:
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (1, BLOCK_N)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_T, BLOCK_N)
+        visible = n_mask[None, :] & (offs_kn[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no visible key so far has m_new = -inf; shift by 0 instead so that
+        # exp2(-inf - 0) = 0 rather than exp2(-inf - (-inf)) = NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = v.to(tl.float32)
+        if BLOCK_T == 1:
+            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (1, BLOCK_D)
+        else:
+            pv = tl.dot(p, v, input_precision="ieee")  # (BLOCK_T, BLOCK_D)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]  # no visible key: 0, not 0/0
+    lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+
+    part = pid_bh * num_splits + split
+    o_ptrs = O_part + (part * Tq + offs_t[:, None]).to(tl.int64) * D + offs_d[None, :]
+    tl.store(o_ptrs, out, mask=t_mask[:, None] & d_mask[None, :])
+    tl.store(LSE_part + part * Tq + offs_t, lse, mask=t_mask)
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+    O_part,  # (B * H, num_splits, Tq, D) fp32 contiguous: the splits' normalised partial outputs
+    LSE_part,  # (B * H, num_splits, Tq) fp32 contiguous: the splits' base-2 log-sum-exp
+    Out,  # (B, H, Tq, D), any strides, in q's dtype
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, Tq, D, num_splits,
+    BLOCK_S: tl.constexpr,  # splits merged per step
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one program per (b, h, t)
+    bh = pid // Tq
+    t = pid % Tq
+    b = bh // H
+    h = bh % H
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    # The same online merge as the split kernel, one level up: BLOCK_S partials per step.
+    m = tl.full([], float("-inf"), tl.float32)
+    denom = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < num_splits
+        row = (bh * num_splits + s_idx) * Tq + t  # (BLOCK_S,) index of (bh, split, t)
+        lse = tl.load(LSE_part + row, mask=s_mask, other=float("-inf"))
+        o = tl.load(O_part + row.to(tl.int64)[:, None] * D + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        # Split 0 always sees key 0, so m_new is finite from the first step on; the guard only keeps
+        # a would-be empty step (all -inf) from producing NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_shift)
+        w = tl.exp2(lse - m_shift)  # 0 for empty splits
+        denom = denom * alpha + tl.sum(w, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        m = m_new
+
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + t * stride_ot + offs_d * stride_od
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def _block_config(Tq: int, D: int) -> dict:
+    """The constexprs the launcher picks (every combination is listed in COMPILE_SPECS)."""
+    block_d = max(64, next_power_of_2(D))
+    return {
+        "BLOCK_T": 1 if Tq == 1 else 16,
+        # 4096 fp32 elements per K/V tile: 32 registers per thread at 4 warps, for either head dim.
+        "BLOCK_N": 4096 // block_d,
+        "BLOCK_D": block_d,
+    }
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _NOMINAL_SM_COUNT
+
+
+def _choose_splits(L_max: int, BH: int, block_n: int, sm_count: int) -> int:
+    """PROGRAMS_PER_SM programs per SM, but no more splits than key blocks (a split would be empty)
+    nor than MAX_SPLITS. The kernel deals the blocks out evenly: each split gets
+    floor or ceil(n_blocks / num_splits) of them, so any count tiles the cache."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(BH, 1))
+    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(L_max, block_n)))
+
+
+def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_splits: int | None = None):
+    """Launch split + combine on validated inputs. `num_splits` overrides the heuristic (tests)."""
+    B, H, Tq, D = q.shape
+    L_max = k_cache.shape[2]
+    cfg = _block_config(Tq, D)
+    if num_splits is None:
+        num_splits = _choose_splits(L_max, B * H, cfg["BLOCK_N"], _sm_count(q.device))
+    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    o_part = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
+    lens = seq_lens.to(torch.int32)
+    with device_guard(q.device):
+        _decode_attention_fwd_kernel[(B * H, num_splits)](
+            q, k_cache, v_cache, lens, o_part, lse_part,
+            sm_scale * LOG2E,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            H, Tq, D, triton.cdiv(L_max, cfg["BLOCK_N"]), num_splits,
+            **cfg, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+        _decode_attention_combine_kernel[(B * H * Tq,)](
+            o_part, lse_part, out, *out.stride(),
+            H, Tq, D, num_splits,
+            BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+_OP = "decode_attention"
+
+
+def _check_inputs(q, k_cache, v_cache, seq_lens) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError(
+            f"{_OP} is inference-only and has no backward: call it under torch.no_grad() (or "
+            "torch.inference_mode()), or detach the inputs; use flash_attention to train"
+        )
+    check_device(q, k_cache, v_cache, seq_lens, op=_OP)
+    check_ndim(q, "q", _OP, 4, "(B, H, Tq, D)")
+    check_ndim(k_cache, "k_cache", _OP, 4, "(B, H, L_max, D)")
+    check_ndim(v_cache, "v_cache", _OP, 4, "(B, H, L_max, D)")
+    check_ndim(seq_lens, "seq_lens", _OP, 1, "(B,)")
+    check_dtype(q, "q", _OP)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    check_dtype(seq_lens, "seq_lens", _OP, dtypes=(torch.int32, torch.int64))
+
+    B, H, Tq, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{_OP}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
+    Bk, Hk, L_max, Dk = k_cache.shape
+    if (Bk, Hk, Dk) != (B, H, D):
+        raise ValueError(
+            f"{_OP}: q is (B, H, Tq, D) = {tuple(q.shape)} but the cache is (B, H, L_max, D) = "
+            f"{tuple(k_cache.shape)}; B, H and D must match"
+        )
+    if seq_lens.shape[0] != B:
+        raise ValueError(f"{_OP}: seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
+    if not 1 <= Tq <= MAX_TQ:
+        raise ValueError(f"{_OP}: Tq = {Tq} queries per step; supported 1..{MAX_TQ} (use flash_attention for a prompt)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{_OP}: head dim {D} is not supported; supported 1..{MAX_HEAD_DIM}")
+    if B == 0 or H == 0:
+        return
+    lo, hi = torch.stack([seq_lens.min(), seq_lens.max()]).tolist()  # one device-to-host sync
+    if lo < Tq or hi > L_max:
+        bad = ((seq_lens < Tq) | (seq_lens > L_max)).nonzero()[0].item()
+        raise ValueError(
+            f"{_OP}: seq_lens[{bad}] = {int(seq_lens[bad])} is out of range: each sequence must hold its "
+            f"Tq = {Tq} new keys and fit the cache, so Tq <= seq_lens[b] <= L_max = {L_max}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None):
+    """Causal attention of a few new queries against a KV cache, per-sequence lengths (inference only).
+
+    q: (B, H, Tq, D) with 1 <= Tq <= 16; k_cache, v_cache: (B, H, L_max, D) (strided views are fine);
+    seq_lens: (B,) int32/int64 on q's device. Sequence b's cache holds seq_lens[b] valid keys, the
+    last Tq of them the queries' own; query t sits at position seq_lens[b] - Tq + t and sees keys
+    j <= that position. Everything from seq_lens[b] on is ignored. sm_scale defaults to 1/sqrt(D).
+    Returns (B, H, Tq, D) in q's dtype. Not differentiable: refuses inputs that require grad.
+    """
+    _check_inputs(q, k_cache, v_cache, seq_lens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{_OP}: sm_scale must be finite, got {sm_scale}")
+    return _decode_attention_fwd(q, k_cache, v_cache, seq_lens, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every configuration the launcher can pick, for kernels.compile_check (sm_80 and sm_90).
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _fwd_signature(dt: str) -> dict:
+    sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "SeqLens": "*i32", "O_part": "*fp32", "LSE_part": "*fp32",
+           "qk_scale": "fp32"}
+    for p in "qkv":
+        for dim in ("b", "h", "t" if p == "q" else "n", "d"):
+            sig[f"stride_{p}{dim}"] = "i32"
+    sig.update({"H": "i32", "Tq": "i32", "D": "i32", "n_blocks": "i32", "num_splits": "i32",
+                "BLOCK_T": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"})
+    return sig
+
+
+def _combine_signature(dt: str) -> dict:
+    sig = {"O_part": "*fp32", "LSE_part": "*fp32", "Out": f"*{dt}"}
+    sig.update({f"stride_o{dim}": "i32" for dim in "bhtd"})
+    sig.update({"H": "i32", "Tq": "i32", "D": "i32", "num_splits": "i32", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"})
+    return sig
+
+
+_LAUNCH = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+_FWD_CONFIGS = [{**_block_config(tq, d), **_LAUNCH} for tq in (1, 2) for d in (64, 128)]
+_COMBINE_CONFIGS = [{"BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": d, **_LAUNCH} for d in (64, 128)]
+
+COMPILE_SPECS = [
+    spec
+    for torch_dtype in FLOAT_DTYPES
+    for spec in (
+        CompileSpec(f"decode_attention.fwd.{_TRITON_DTYPE[torch_dtype]}", _decode_attention_fwd_kernel,
+                    _fwd_signature(_TRITON_DTYPE[torch_dtype]), _FWD_CONFIGS),
+        CompileSpec(f"decode_attention.combine.{_TRITON_DTYPE[torch_dtype]}", _decode_attention_combine_kernel,
+                    _combine_signature(_TRITON_DTYPE[torch_dtype]), _COMBINE_CONFIGS),
+    )
+]
+
+__all__ = ["decode_attention", "COMPILE_SPECS"]
