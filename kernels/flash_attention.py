@@ -1,0 +1,680 @@
+"""Fused causal attention (FlashAttention-2): tiling, an online softmax, and a backward that recomputes.
+
+The math
+--------
+For one (batch, head), with q: (Tq, D), k and v: (Tk, D) and scale = 1/sqrt(D):
+
+    S = scale * q k^T            (Tq, Tk)  scores
+    P = softmax(S + mask)        (Tq, Tk)  row-wise; the causal mask puts -inf where key j > i + (Tk - Tq)
+    O = P v                      (Tq, D)
+
+The causal mask is aligned bottom-right: when a prompt of Tq tokens is continued against a KV cache
+of Tk >= Tq keys, query i sits at absolute position i + (Tk - Tq) and sees every key up to there.
+With Tq == Tk this is the ordinary lower triangle.
+
+Why fuse: the (T, T) matrices never touch HBM
+----------------------------------------------
+Written op by op, attention materialises S and P in GPU memory. For GPT-2 124M at T = 1024, D = 64
+in bf16, per (sequence, head):
+
+    unfused: write S (T^2 * 2 B = 2 MiB), softmax reads S and writes P (4 MiB), P v reads P (2 MiB)
+             -> at least 8 MiB of HBM traffic, O(T^2), plus 2 MiB of P kept alive for backward
+    fused:   read q, k, v and write O (4 * T * D * 2 B = 512 KiB), write the log-sum-exp (4 KiB)
+             -> O(T * D); only the 4 KiB log-sum-exp is kept for backward
+
+A forward pass of the whole model at batch 8 runs 8 * 12 layers * 12 heads = 1152 of these: about
+9 GiB of traffic unfused against about 0.6 GiB fused (at 2 TB/s, ~4.7 ms against ~0.3 ms), and
+2.25 GiB of saved probabilities against 4.5 MiB of log-sum-exps. Each program instance owns a
+BLOCK_M-row tile of queries and streams BLOCK_N-row tiles of k and v past it through SRAM; q, the
+running statistics and the output accumulator stay in registers. k and v are re-read once per query
+tile (T / BLOCK_M times), but one head's k and v are 256 KiB, so those re-reads are served by L2.
+
+The online softmax
+------------------
+A row of P needs the max and the sum over *all* keys, but the kernel sees the keys one tile at a
+time. It keeps, per query row, the running max m, the running sum l = sum_j exp(s_j - m) and the
+unnormalised output acc = sum_j exp(s_j - m) v_j. When a new tile raises the max to m', everything
+accumulated so far was scaled by exp(-m) and must be scaled by exp(-m') instead, so
+
+    alpha = exp(m - m');   l <- alpha * l + sum_j exp(s_j - m');   acc <- alpha * acc + exp(s - m') v
+
+and at the end O = acc / l. All of this is in fp32 whatever the input dtype. We work in base 2:
+exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale once (qk_scale = scale * log2 e),
+so each score costs one multiply and one exp2 (a single hardware instruction). The only statistic
+saved for backward is the log-sum-exp per row, LSE = m + log(l) (stored in natural-log units, so it
+equals torch.logsumexp(S, -1)).
+
+Causal block skipping
+---------------------
+A query tile [m0, m0 + BLOCK_M) sees keys up to min(m0 + BLOCK_M, Tq) - 1 + (Tk - Tq). Key tiles past
+that bound are never loaded: the loop stops there, which halves the work of causal attention. Of
+the tiles it does visit, those entirely at or below the diagonal (and inside Tk) need no mask at
+all, so the loop runs in two stages: an unmasked stage over full tiles, then a masked stage over the
+few tiles that straddle the diagonal or the end of the sequence. The stage boundaries are computed
+from m0, BLOCK_M, BLOCK_N and Tk - Tq, so they are right for any pair of block sizes.
+
+Backward: recompute instead of store
+------------------------------------
+With dO the incoming gradient and Delta_i = sum_j P_ij dP_ij = dO_i . O_i (one dot per row):
+
+    dV = P^T dO        dP = dO v^T        dS = P * (dP - Delta)        dQ = scale dS k        dK = scale dS^T q
+
+P is never stored: each tile of it is rebuilt from q, k and the saved LSE as exp2(qk_scale q k^T -
+LSE log2 e), which costs one extra q k^T but saves reading T^2 probabilities back from HBM. Three
+kernels, as in FlashAttention-2, none with atomics:
+  1. preprocess: Delta = rowsum(dO * O), (B, H, Tq) fp32.
+  2. dK/dV: one program per key tile; it loops over the query tiles that can see it (from the
+     diagonal down, so causal skipping again) and owns its rows of dK and dV outright.
+  3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
+Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
+exactly one program, which is what makes atomics unnecessary.
+
+Dtypes: fp32 inputs use input_precision="ieee" dots (a GPU would otherwise use TF32 and miss fp32
+PyTorch by ~1e-3); fp16/bf16 feed tl.dot in their own dtype with fp32 accumulation, casting P and dS
+down to the input dtype before their dots, as FlashAttention does. Triton's interpreter cannot
+multiply bf16 tiles, so there (only) bf16 tiles are widened to fp32 first (DOT_FP32).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from kernels._common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    CompileSpec,
+    autotune,
+    check_device,
+    check_dtype,
+    check_ndim,
+    device_guard,
+    next_power_of_2,
+)
+
+import triton  # noqa: E402  (after kernels._common, which may switch on the interpreter)
+import triton.language as tl  # noqa: E402
+
+OP = "flash_attention"
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2):    log(x) == log2(x) * LN2
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs K >= 16; D > 128 would not fit the tiles in SRAM
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations. The first of each list is the one used without autotuning (and by the
+# interpreter); it is also the safest: it fits every dtype at D = 128 on sm_80's shared memory.
+# ----------------------------------------------------------------------------------------------
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+_FWD_CONFIGS = [
+    _config(64, 64, 4, 2),
+    _config(64, 64, 4, 3),
+    _config(128, 64, 8, 2),
+    _config(128, 64, 4, 3),
+    _config(64, 128, 4, 2),
+    _config(128, 128, 8, 2),
+]
+_BWD_CONFIGS = [  # shared by the dK/dV and the dQ kernel (each autotunes on its own)
+    _config(64, 64, 4, 2),
+    _config(64, 64, 4, 3),
+    _config(64, 128, 8, 2),
+    _config(128, 64, 8, 2),
+]
+_PRE_BLOCK_M = 64  # the preprocess kernel is a plain row reduction: no tuning needed
+# Retune when the head dim, the dtype (Triton adds tensor dtypes to the key), causality or the
+# sequence length's power-of-two bucket changes; not for every distinct length.
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
+
+
+def _fits(config, dtype_bytes: int, block_d: int, smem_bytes: int = 163 * 1024) -> bool:
+    """A conservative shared-memory estimate for one config: the pipeliner keeps `num_stages - 1`
+    copies of the streamed k and v tiles (BLOCK_N x BLOCK_D each), plus the resident q/dO tile and a
+    BLOCK_M x BLOCK_N scratch for the layout change of P before its dot."""
+    bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    streamed = 2 * max(stages - 1, 1) * max(bm, bn) * block_d * dtype_bytes
+    resident = 2 * min(bm, bn) * block_d * dtype_bytes + bm * bn * dtype_bytes
+    return streamed + resident <= smem_bytes
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotuner hook: drop the configs that would not fit in shared memory for this dtype/head dim."""
+    args = {**named_args, **kwargs}
+    dtype_bytes = args["Q"].element_size()
+    block_d = args["BLOCK_D"]
+    kept = [c for c in configs if _fits(c, dtype_bytes, block_d)]
+    return kept or configs[:1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q,  # acc: (BLOCK_M, BLOCK_D) fp32, l_i/m_i: (BLOCK_M,) fp32, q: (BLOCK_M, BLOCK_D)
+    K, V,  # K/V: this (batch, head)'s (Tk, D) slice, any strides
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, offs_d, lo, hi, Tk, diag, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # k is loaded already transposed, (BLOCK_D, BLOCK_N), so that q @ kT needs no shuffle.
+        kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(keep, s, float("-inf"))
+        # Every row has seen key 0 by the end of its first tile, so m_new is finite and
+        # exp2(-inf - m_new) = 0 handles both the initial m_i = -inf and the masked scores.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_fwd_kernel(
+    Q, K, V, O, LSE,  # Q/O: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides; LSE: (B, H, Tq) fp32 contiguous
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    Tq, Tk, SEQ_BUCKET, sm_scale,  # SEQ_BUCKET: only an autotuning key
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(Tq, BLOCK_M), H, B): one program per query tile of one (batch, head)
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += (b * tl.num_programs(1) + h) * Tq
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) in: exp(x) = exp2(x * log2 e)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    diag = Tk - Tq  # bottom-right alignment: query i sees keys j <= i + diag
+    if CAUSAL:
+        # Stop at the last key the tile's last real row can see: the skipped tiles are never loaded.
+        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
+        # Tiles ending at or before the tile's first row's diagonal (and inside Tk) need no mask.
+        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Tk
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
+
+    o = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)  # natural log
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _flash_attention_bwd_preprocess_kernel(
+    O, DO, DELTA,  # O/DO: (B, H, Tq, D), any strides; DELTA: (B, H, Tq) fp32 contiguous
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # grid: (cdiv(Tq, BLOCK_M), H, B)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * tl.num_programs(1) + h) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v,  # dk/dv: (BLOCK_N, BLOCK_D) fp32 accumulators; k/v: (BLOCK_N, BLOCK_D) this program's keys
+    Q, DO, LSE, DELTA,  # this (batch, head)'s Q/DO (Tq, D) slices and LSE/DELTA (Tq,) rows
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    offs_n, offs_d, lo, hi, Tq, diag, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        # Work on transposed tiles, (keys, queries), so that dV = P^T dO and dK = dS^T q need no shuffle.
+        qT_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
+        do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        if MASKED:
+            row_ok = offs_m < Tq
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+            delta = tl.load(DELTA + offs_m)
+        if DOT_FP32:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        # Recompute this tile of P^T from q, k and the saved log-sum-exp.
+        pT = tl.exp2(tl.dot(k, qT, input_precision="ieee") * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            keep = offs_m[None, :] < Tq
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] + diag >= offs_n[:, None])
+            # A masked score may exceed the row's LSE by any amount: exp2 can overflow, so zero it.
+            pT = tl.where(keep, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+    return dk, dv
+
+
+@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,  # Q/DO: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
+    # LSE/DELTA: (B, H, Tq) fp32 contiguous
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    Tq, Tk, SEQ_BUCKET, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(Tk, BLOCK_N), H, B): one program per key tile; it alone writes those rows of dK, dV.
+    start_n = tl.program_id(0) * BLOCK_N
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    LSE += (b * tl.num_programs(1) + h) * Tq
+    DELTA += (b * tl.num_programs(1) + h) * Tq
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Query rows i see key j iff j <= i + diag. Keys past Tk need no mask here: row j of dK/dV
+    # depends only on key j, and rows past Tk are never stored.
+    diag = Tk - Tq
+    hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # First query tile with a row that sees this tile's first key: everything above is skipped.
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        # First query tile whose every row sees this tile's last key: unmasked from there on.
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, hi)
+    else:
+        lo = 0
+        full_lo = 0
+    full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                             offs_n, offs_d, lo, full_lo, Tq, diag, qk_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                             offs_n, offs_d, full_lo, full_hi, Tq, diag, qk_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                             offs_n, offs_d, full_hi, hi, Tq, diag, qk_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
+
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta,  # dq: (BLOCK_M, BLOCK_D) fp32; q/do: (BLOCK_M, BLOCK_D); lse2/delta: (BLOCK_M,)
+    K, V,  # this (batch, head)'s K/V (Tk, D) slices
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, offs_d, lo, hi, Tk, diag, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        vT_ptrs = V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
+        if DOT_FP32:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        p = tl.exp2(tl.dot(q, kT, input_precision="ieee") * qk_scale - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+    return dq
+
+
+@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,  # Q/DO/DQ: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides;
+    # LSE/DELTA: (B, H, Tq) fp32 contiguous
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    Tq, Tk, SEQ_BUCKET, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(Tq, BLOCK_M), H, B): one program per query tile; it alone writes those rows of dQ.
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
+    LSE += (b * tl.num_programs(1) + h) * Tq
+    DELTA += (b * tl.num_programs(1) + h) * Tq
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # The same key range and the same two stages as the forward pass.
+    diag = Tk - Tq
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
+        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Tk
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
+                       HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
+                       HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
+
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, causal: bool) -> None:
+    device = check_device(q, k, v, op=OP)  # noqa: F841  (raises on a bad device)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_ndim(t, name, OP, 4, "(B, H, T, D)")
+        check_dtype(t, name, OP)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{OP}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{OP}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, Tq, D), (Bk, Hk, Tk, Dk) = q.shape, k.shape
+    if (B, H, D) != (Bk, Hk, Dk):
+        raise ValueError(
+            f"{OP}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head dim"
+        )
+    if Tq < 1 or Tk < 1:
+        raise ValueError(f"{OP}: sequence lengths must be >= 1, got Tq={Tq}, Tk={Tk}")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head dim {D} is not supported; it must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    if causal and Tk < Tq:
+        raise ValueError(
+            f"{OP}: causal attention needs Tk >= Tq (the queries are the last Tq of the Tk positions), "
+            f"got Tq={Tq}, Tk={Tk}"
+        )
+
+
+def _meta(q, k, causal):
+    """The launch arguments that are not tensors or strides, shared by the fwd/dkdv/dq kernels."""
+    D = q.shape[-1]
+    return dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(next_power_of_2(D), 16),
+        CAUSAL=bool(causal),
+        # The interpreter's tl.dot cannot multiply bf16 tiles; widen them there. A GPU keeps bf16.
+        DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+    )
+
+
+def _launch(kernel, grid, args, meta, config):
+    """Autotuned launch, or (config given, for tests) one explicit block configuration."""
+    if config is None:
+        kernel[grid](*args, **meta)
+    else:
+        config = dict(config)
+        warps, stages = config.pop("num_warps", 4), config.pop("num_stages", 2)
+        kernel.fn[grid](*args, **meta, **config, num_warps=warps, num_stages=stages)
+
+
+def _flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, out=None, lse=None, config=None):
+    """Returns (o, lse): o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 (natural log).
+
+    `out`/`lse`, optional: buffers to write into (tests poison them to check every element is
+    written). `config`, optional: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device) if lse is None else lse
+    if q.numel() == 0:
+        return o, lse
+    assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (B, H, Tq) and lse.is_contiguous()
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
+    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            Tq, Tk, next_power_of_2(max(Tq, Tk)), float(sm_scale))
+    with device_guard(q.device):
+        _launch(_flash_attention_fwd_kernel, grid, args, _meta(q, k, causal), config)
+    return o, lse
+
+
+def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, grads=None, config=None):
+    """Returns (dq, dk, dv), each in its input's shape and dtype. dO may have any strides (it is read
+    through its own strides, never copied). `grads`, optional: (dq, dk, dv) buffers to write into."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if grads is None:
+        grads = (torch.empty_like(q, memory_format=torch.contiguous_format),
+                 torch.empty_like(k, memory_format=torch.contiguous_format),
+                 torch.empty_like(v, memory_format=torch.contiguous_format))
+    dq, dk, dv = grads
+    if q.numel() == 0:
+        return dq, dk, dv
+    meta = _meta(q, k, causal)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    bucket = next_power_of_2(max(Tq, Tk))
+    with device_guard(q.device):
+        _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, _PRE_BLOCK_M), H, B)](
+            o, do, delta, *o.stride(), *do.stride(), Tq,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_PRE_BLOCK_M,
+        )
+        grid_kv = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, B)  # noqa: E731
+        args = (q, k, v, do, dk, dv, lse, delta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                Tq, Tk, bucket, float(sm_scale))
+        _launch(_flash_attention_bwd_dkdv_kernel, grid_kv, args, meta, config)
+        grid_q = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), H, B)  # noqa: E731
+        args = (q, k, v, do, dq, lse, delta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                Tq, Tk, bucket, float(sm_scale))
+        _launch(_flash_attention_bwd_dq_kernel, grid_q, args, meta, config)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the public function
+# ----------------------------------------------------------------------------------------------
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
+        o, lse = _flash_attention_fwd(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)  # O(T * D) per head: no (T, T) matrix is kept
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None):
+    """softmax(q k^T * sm_scale + causal mask) v, fused; differentiable.
+
+    q: (B, H, Tq, D), k/v: (B, H, Tk, D), any strides (views of one fused QKV tensor work without a
+    copy), fp32/fp16/bf16, 16 <= D <= 128. causal=True aligns the mask bottom-right (needs Tk >= Tq):
+    query i sees keys j <= i + (Tk - Tq). sm_scale defaults to 1/sqrt(D). Returns (B, H, Tq, D) in
+    q's dtype.
+    """
+    _check_inputs(q, k, v, causal)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"{OP}: sm_scale must be finite, got {sm_scale}")
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs: every kernel x dtype x head-dim class, with every config the autotuner may pick
+# there (the same pruning as at run time), for `kernels.compile_check`.
+# ----------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_POINTERS = {"LSE", "DELTA"}  # the statistics are fp32 whatever the input dtype
+
+
+def _signature(kernel, dtype) -> dict:
+    fn = kernel
+    while not inspect.isfunction(fn):  # Autotuner -> JITFunction/InterpretedFunction -> Python function
+        fn = fn.fn
+    sig = {}
+    for p in inspect.signature(fn).parameters.values():
+        if "constexpr" in str(p.annotation):
+            sig[p.name] = "constexpr"
+        elif p.name in _FP32_POINTERS:
+            sig[p.name] = "*fp32"
+        elif p.name == "sm_scale":
+            sig[p.name] = "fp32"
+        elif p.name.startswith("stride_") or p.name in ("Tq", "Tk", "SEQ_BUCKET"):
+            sig[p.name] = "i32"
+        else:
+            sig[p.name] = "*" + _TRITON_DTYPE[dtype]
+    return sig
+
+
+def _compile_specs() -> list:
+    specs = []
+    for dtype in FLOAT_DTYPES:
+        for head_dim in (64, 128):
+            name = f"{_TRITON_DTYPE[dtype]}.d{head_dim}"
+            base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, DOT_FP32=False)
+            for label, kernel, configs in (
+                ("fwd", _flash_attention_fwd_kernel, _FWD_CONFIGS),
+                ("bwd_dkdv", _flash_attention_bwd_dkdv_kernel, _BWD_CONFIGS),
+                ("bwd_dq", _flash_attention_bwd_dq_kernel, _BWD_CONFIGS),
+            ):
+                kept = [c for c in configs if _fits(c, dtype.itemsize, head_dim)] or configs[:1]
+                entries = [
+                    {**base, "CAUSAL": True, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                    for c in kept
+                ]
+                # Non-causal attention compiles separately; its default config stands for the rest.
+                entries.append({**entries[0], "CAUSAL": False})
+                specs.append(CompileSpec(f"{OP}.{label}.{name}", kernel, _signature(kernel, dtype), entries))
+            specs.append(CompileSpec(
+                f"{OP}.bwd_preprocess.{name}", _flash_attention_bwd_preprocess_kernel,
+                _signature(_flash_attention_bwd_preprocess_kernel, dtype),
+                [dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=_PRE_BLOCK_M, num_warps=4, num_stages=2)],
+            ))
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()
