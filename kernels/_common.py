@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402  (must come after the environment switch above)
+import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -90,3 +91,21 @@ class CompileSpec:
     kernel: object  # the @triton.jit function (a JITFunction, or an InterpretedFunction wrapping one)
     signature: dict  # argument name -> Triton type string ("*fp16", "i32", "fp32", "constexpr")
     configs: list = field(default_factory=list)  # list of dicts: constexpr values + num_warps/num_stages
+
+
+# ----------------------------------------------------------------------------------------------
+# Stores: Triton's interpreter (3.9) casts fp32 -> bf16 by dropping the low 16 bits (round toward
+# zero), a GPU rounds to nearest even; a truncated 4.7812 lands on 4.75, a whole bf16 ulp off. In the
+# interpreter round by hand first, so that the cast that follows is exact. Compiled away on a GPU.
+# ----------------------------------------------------------------------------------------------
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_for_store(x, DTYPE: tl.constexpr):
+    """fp32 x -> DTYPE, rounded to nearest even on the GPU and in the interpreter alike."""
+    if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round half to even at bit 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

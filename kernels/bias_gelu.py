@@ -66,6 +66,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
     CompileSpec,
+    cast_for_store,
     check_device,
     check_dtype,
     check_ndim,
@@ -115,7 +116,7 @@ def _bias_gelu_fwd_kernel(
     x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     z = x + b[None, :]  # fp32: the add is not rounded to bf16 before the GELU, unlike `x + b` in eager
     s, _ = _gelu_sigmoid(z)
-    tl.store(Y + rows[:, None] * N + cols[None, :], (z * s).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * N + cols[None, :], cast_for_store(z * s, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -148,9 +149,13 @@ def _bias_gelu_bwd_kernel(
         dy = tl.load(DY + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         z = x + b[None, :]  # recomputed, exactly as the forward computed it
         s, one_minus_s = _gelu_sigmoid(z)
-        dgelu = s + 2.0 * z * s * one_minus_s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        # The second term is z s (1 - s) times a polynomial in z. Once |z| > 20, s (1 - s) <= e^-600
+        # is exactly 0 in fp32, but z^2 overflows for |z| > 1.8e19 and 0 * inf = NaN (PyTorch's own
+        # gelu_backward returns NaN there). Clamping z inside the term changes nothing below |z| = 20.
+        zc = tl.minimum(tl.maximum(z, -20.0), 20.0)
+        dgelu = s + 2.0 * zc * s * one_minus_s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * zc * zc)
         dx = dy * dgelu
-        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * N + cols[None, :], cast_for_store(dx, DX.dtype.element_ty), mask=mask)
         acc += dx  # the fp32 dX, before it is rounded to X's dtype
     tl.store(DBIAS_PARTIAL + group * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
@@ -172,7 +177,7 @@ def _sum_partials_kernel(
         grp = g + tl.arange(0, BLOCK_G)
         mask = (grp[:, None] < n_groups) & col_ok[None, :]
         acc += tl.load(PARTIAL + grp[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_ok)
+    tl.store(OUT + cols, cast_for_store(tl.sum(acc, axis=0), OUT.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------

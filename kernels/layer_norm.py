@@ -60,6 +60,7 @@ from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
     CompileSpec,
+    cast_for_store,
     check_device,
     check_dtype,
     device_guard,
@@ -100,7 +101,7 @@ def _layer_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * N + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * N + cols, cast_for_store(xc * rstd * w + b, Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -139,7 +140,7 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(g * xhat, axis=0) / N
         c2 = tl.sum(g, axis=0) / N
         dx = (g - c2 - xhat * c1) * rstd
-        tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row * N + cols, cast_for_store(dx, DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
     tl.store(PARTIAL + group * (2 * N) + cols, dw, mask=mask)

@@ -1,0 +1,142 @@
+"""bias_gelu against the float64 book formula, by FlashAttention's rule: forward, dX and dBias, every
+dtype, awkward widths and row counts, non-contiguous inputs, large magnitudes, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels.bias_gelu import _as_rows, _bias_gelu_bwd, _bias_gelu_fwd, bias_gelu
+from kernels.testing import assert_close_to_reference, poison_
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _leaf(t):
+    return t.detach().requires_grad_()  # keeps t's strides: a view stays a view
+
+
+def _fwd_bwd(fn, x, bias, dy):
+    x, bias = _leaf(x), _leaf(bias)
+    y = fn(x, bias)
+    y.backward(dy)
+    return y, x.grad, bias.grad
+
+
+def _check(x, bias, dy=None, scale=1.0):
+    """Kernel vs float64 reference vs PyTorch in x's dtype, for y, dX and dBias."""
+    if dy is None:
+        dy = torch.randn(x.shape, dtype=x.dtype)
+    got = _fwd_bwd(bias_gelu, x, bias, dy)
+    exact = _fwd_bwd(reference.bias_gelu, x.double(), bias.double(), dy.double())
+    torch_ = _fwd_bwd(lambda a, b: F.gelu(a + b, approximate="tanh"), x, bias.to(x.dtype), dy)
+    for name, g, e, t in zip(("y", "dx", "dbias"), got, exact, torch_):
+        assert_close_to_reference(f"bias_gelu {name} {x.dtype}", g, e, t, atol=1e-5 * scale)
+    assert got[0].dtype == x.dtype and got[1].dtype == x.dtype and got[2].dtype == bias.dtype
+    assert got[1].shape == x.shape and got[2].shape == bias.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1),  # one element: a 16-wide block, 15 lanes masked
+        (7, 777),  # odd width over 4 column blocks, a partial row tile
+        (300, 100),  # 10 row tiles in 4 groups of 3, 3, 3, 1: the partial-sum reduction
+        (2, 5, 3072),  # 3-D, GPT-2 124M's MLP width
+    ],
+)
+def test_matches_reference(dtype, shape):
+    torch.manual_seed(0)
+    _check(torch.randn(shape, dtype=dtype) * 2, torch.randn(shape[-1], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_bias_with_half_input(dtype):
+    """The model's case: activations in fp16/bf16, the bias an fp32 parameter (grad stays fp32)."""
+    torch.manual_seed(1)
+    _check(torch.randn(7, 777, dtype=dtype) * 2, torch.randn(777))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_magnitude(dtype):
+    """|x| ~ 20: u = k0 (z + k1 z^3) reaches ~300, where exp(2u) overflows a naive tanh."""
+    torch.manual_seed(2)
+    _check(torch.randn(13, 200, dtype=dtype) * 20, torch.randn(200, dtype=dtype) * 5, scale=20)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # NumPy, in the interpreter, on z^3: intended
+def test_extreme_values_are_exact():
+    """Far from 0 GELU is the identity (z > 0) or 0 (z < 0), and so is its slope. |z| = 1e20 overflows
+    z^2 and z^3 in fp32 (PyTorch's own backward returns NaN there); the kernel must not."""
+    z = torch.tensor([[30.0, -30.0, 1e4, -1e4, 1e13, -1e13, 1e20, -1e20, 3e38, -3e38]])
+    bias = torch.zeros(z.shape[1])
+    dy = torch.arange(1.0, z.shape[1] + 1).view(1, -1)
+    y, dx, dbias = _fwd_bwd(bias_gelu, z, bias, dy)
+    pos = z > 0
+    assert torch.equal(y, torch.where(pos, z, torch.zeros_like(z)))
+    assert torch.equal(dx, torch.where(pos, dy, torch.zeros_like(dy)))
+    assert torch.equal(dbias, dx[0])
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(3)
+    wide = torch.randn(9, 1000)
+    _check(wide[:, 100:877], torch.randn(777))  # column slice: rows 1000 apart, no copy
+    _check(torch.randn(100, 13).t(), torch.randn(100))  # transposed: columns strided, copied once
+    _check(torch.randn(5, 3, 100).transpose(0, 1), torch.randn(100))  # permuted 3-D: rows uneven
+    _check(torch.randn(7, 100), torch.randn(200)[::2])  # strided bias
+    _check(torch.randn(6, 100), torch.randn(100), dy=torch.randn(100, 6).t())  # strided gradient
+
+
+def test_broadcast_gradient():
+    """y.sum().backward() hands backward an expanded gradient whose strides are all 0."""
+    torch.manual_seed(4)
+    x, bias = torch.randn(3, 4, 50), torch.randn(50)
+    got = _fwd_bwd(lambda a, b: bias_gelu(a, b).sum(), x, bias, None)
+    exact = _fwd_bwd(lambda a, b: reference.bias_gelu(a, b).sum(), x.double(), bias.double(), None)
+    torch_ = _fwd_bwd(lambda a, b: F.gelu(a + b, approximate="tanh").sum(), x, bias, None)
+    for name, g, e, t in zip(("loss", "dx", "dbias"), got, exact, torch_):
+        assert_close_to_reference(f"bias_gelu {name}", g, e, t)
+
+
+def test_every_output_element_is_written():
+    """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
+    torch.manual_seed(5)
+    x, bias, dy = torch.randn(300, 100), torch.randn(100), torch.randn(300, 100)
+    y, dx = poison_(torch.empty(300, 100)), poison_(torch.empty(300, 100))
+    _bias_gelu_fwd(_as_rows(x, 100), bias, y)
+    dbias = _bias_gelu_bwd(_as_rows(dy, 100), _as_rows(x, 100), bias, dx)
+    _, exact_dx, exact_db = _fwd_bwd(reference.bias_gelu, x.double(), bias.double(), dy.double())
+    torch_ = _fwd_bwd(lambda a, b: F.gelu(a + b, approximate="tanh"), x, bias, dy)
+    assert_close_to_reference("y", y, reference.bias_gelu(x.double(), bias.double()), torch_[0])
+    assert_close_to_reference("dx", dx, exact_dx, torch_[1])
+    assert_close_to_reference("dbias", dbias, exact_db, torch_[2])
+
+
+def test_no_rows():
+    x, bias = torch.randn(0, 64, requires_grad=True), torch.randn(64, requires_grad=True)
+    y = bias_gelu(x, bias)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert torch.equal(bias.grad, torch.zeros(64))
+
+
+@pytest.mark.parametrize(
+    "x, bias, error, match",
+    [
+        (torch.randn(4, 8), torch.randn(9), ValueError, r"bias has shape \(9,\), expected \(8,\)"),
+        (torch.randn(4, 8), torch.randn(1, 8), ValueError, "bias must be 1-D"),
+        (torch.randn(4, 8), torch.randn(4, 8), ValueError, "bias must be 1-D"),
+        (torch.randn(()), torch.randn(1), ValueError, "at least one dimension"),
+        (torch.randn(4, 0), torch.randn(0), ValueError, "empty last dimension"),
+        (torch.ones(4, 8, dtype=torch.int32), torch.randn(8), TypeError, "x has dtype torch.int32"),
+        (torch.randn(4, 8), torch.randn(8, dtype=torch.float64), TypeError, "bias has dtype torch.float64"),
+        (torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16), TypeError, "float32 or x's"),
+        (torch.randn(4, 8), torch.randn(8, device="meta"), ValueError, "one device"),
+        (torch.randn(4, 8), [0.0] * 8, TypeError, "must be tensors"),
+    ],
+)
+def test_bad_input(x, bias, error, match):
+    with pytest.raises(error, match=match):
+        bias_gelu(x, bias)
