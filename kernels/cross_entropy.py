@@ -54,6 +54,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    INTERPRET,
     CompileSpec,
     check_device,
     check_dtype,
@@ -72,6 +73,21 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
+# Triton's interpreter (3.9) casts fp32 -> bf16 by dropping the low 16 bits (round toward zero); a GPU
+# rounds to nearest even. A truncated -0.49999 becomes -0.498 (a whole bf16 ulp off), so in the
+# interpreter we round by hand first; the cast that follows is then exact. Compiled away on a GPU.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _cast_for_store(x, DTYPE: tl.constexpr):
+    if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round half to even at bit 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
 @triton.jit
 def _cross_entropy_fwd_kernel(
     LOGITS,  # (N, V) fp32/fp16/bf16, row stride stride_row, unit column stride
@@ -127,7 +143,7 @@ def _cross_entropy_fwd_kernel(
                 x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                 p = tl.exp(x - m - log_d)
                 g = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
-                tl.store(grad_row + cols, g.to(GRAD.dtype.element_ty), mask=cols < V)
+                tl.store(grad_row + cols, _cast_for_store(g, GRAD.dtype.element_ty), mask=cols < V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +212,7 @@ def _check_inputs(logits, target, ignore_index, reduction):
         raise ValueError(f"{_OP}: logits has an empty class dimension, shape {tuple(logits.shape)}")
     check_device(logits, target, op=_OP)
     V = logits.shape[1]
-    target = target.to(torch.int64)
+    target = target.to(torch.int64).contiguous()  # the kernel reads TARGET + row
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= V))
     n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
@@ -212,23 +228,26 @@ def _check_inputs(logits, target, ignore_index, reduction):
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
+def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
+    """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
+    target, n_valid = _check_inputs(logits, target, ignore_index, reduction)
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
+    if reduction == "none":
+        return loss_rows.to(logits.dtype), grad
+    total = loss_rows.sum()  # fp32, ignored rows are 0
+    if reduction == "mean":
+        total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
+    return total.to(logits.dtype), grad
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index=-100, reduction="mean", max_block_v=MAX_BLOCK_V):
-        target, n_valid = _check_inputs(logits, target, ignore_index, reduction)
-        # No grad wanted (inference, evaluation): no (N, V) buffer and no second pass.
-        compute_grad = ctx.needs_input_grad[0]
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
+        loss, grad = _loss_and_grad(logits, target, ignore_index, reduction, True, max_block_v)
         ctx.reduction = reduction
-        if compute_grad:
-            ctx.save_for_backward(grad)
-        if reduction == "none":
-            return loss_rows.to(logits.dtype)
-        total = loss_rows.sum()  # fp32, ignored rows are 0
-        if reduction == "mean":
-            total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
-        return total.to(logits.dtype)
+        ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -248,7 +267,12 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
     int64/int32 targets, fused: the gradient is written during the forward pass. The loss has the
     logits' dtype (accumulation is fp32). Rows with target == ignore_index add 0 loss and 0 gradient;
     "mean" averages over the other rows and is 0 when there are none."""
-    return CrossEntropyFunction.apply(logits, target, ignore_index, reduction)
+    if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
+        return CrossEntropyFunction.apply(logits, target, ignore_index, reduction)
+    # No gradient wanted (inference, evaluation, torch.no_grad): no (N, V) buffer, no second pass.
+    # (Inside Function.forward grad mode is always off and ctx.needs_input_grad ignores no_grad,
+    # so this decision is made out here.)
+    return _loss_and_grad(logits, target, ignore_index, reduction, compute_grad=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------
