@@ -54,8 +54,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
-    INTERPRET,
     CompileSpec,
+    cast_for_store,
     check_device,
     check_dtype,
     check_ndim,
@@ -73,21 +73,6 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
-# Triton's interpreter (3.9) casts fp32 -> bf16 by dropping the low 16 bits (round toward zero); a GPU
-# rounds to nearest even. A truncated -0.49999 becomes -0.498 (a whole bf16 ulp off), so in the
-# interpreter we round by hand first; the cast that follows is then exact. Compiled away on a GPU.
-_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _cast_for_store(x, DTYPE: tl.constexpr):
-    if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round half to even at bit 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
-
-
 @triton.jit
 def _cross_entropy_fwd_kernel(
     LOGITS,  # (N, V) fp32/fp16/bf16, row stride stride_row, unit column stride
@@ -143,7 +128,7 @@ def _cross_entropy_fwd_kernel(
                 x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                 p = tl.exp(x - m - log_d)
                 g = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
-                tl.store(grad_row + cols, _cast_for_store(g, GRAD.dtype.element_ty), mask=cols < V)
+                tl.store(grad_row + cols, cast_for_store(g, GRAD.dtype.element_ty), mask=cols < V)
 
 
 # ----------------------------------------------------------------------------------------------
