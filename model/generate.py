@@ -36,19 +36,22 @@ def sample_next(
     if temperature == 0.0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature  # (B, V)
+    cand = None  # vocabulary ids of the candidates, when they are a sorted subset
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+        logits, cand = torch.topk(logits, top_k, dim=-1)  # (B, k), most likely first
+    elif top_p is not None and top_p < 1.0:
+        logits, cand = torch.sort(logits, dim=-1, descending=True)  # (B, V), most likely first
     if top_p is not None and top_p < 1.0:
-        # Nucleus: keep the smallest set of most likely tokens whose probabilities sum to >= top_p.
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
-        # Drop a token when the tokens before it already reach top_p (the most likely always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # (B, V)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))  # (B, V)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)  # (B, V)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        # Nucleus: keep the smallest set of most likely tokens whose probabilities sum to >= top_p;
+        # a token goes when the ones before it already reach top_p (so the most likely always stays).
+        probs = torch.softmax(logits, dim=-1)  # (B, k)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))  # (B, k)
+    probs = torch.softmax(logits, dim=-1)  # (B, k)
+    # argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p (E_i / p_i ~ Exp(p_i), and the smallest of
+    # independent exponentials is i with probability p_i / sum p): one pass, unlike torch.multinomial.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)  # (B, k)
+    choice = (probs / noise).argmax(dim=-1)  # (B,)
+    return choice if cand is None else cand.gather(-1, choice[:, None]).squeeze(-1)  # (B,)
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):
@@ -87,8 +90,6 @@ def _prefill(model, tokens, cache, chunk_size):
     T = tokens.shape[1]
     if chunk_size is None or chunk_size >= T:
         return model(tokens, cache=cache, input_pos=0)  # (B, T, V)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be a positive int, got {chunk_size!r}")
     chunks = [
         model(tokens[:, s : s + chunk_size], cache=cache, input_pos=s)  # (B, chunk, V)
         for s in range(0, T, chunk_size)
@@ -99,7 +100,6 @@ def _prefill(model, tokens, cache, chunk_size):
 # ----------------------------------------------------------------------------------------------
 # The decoding loop
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
 def stream_generate(
     model,
     idx,
@@ -118,7 +118,7 @@ def stream_generate(
 
     A sequence that has produced `eos_id` is finished: its later entries are `pad_id` (default:
     `eos_id`). The loop ends after `max_new_tokens` steps or when every sequence is finished.
-    Arguments are those of `generate`.
+    Arguments are those of `generate`; they are checked here, before any token is generated.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
@@ -134,9 +134,19 @@ def stream_generate(
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
+        raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
+    return _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad,
+                  use_cache, generator, prefill_chunk_size)
+
+
+@torch.no_grad()
+def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad, use_cache,
+           generator, prefill_chunk_size):
     if max_new_tokens == 0:
         return
-
+    B, longest = tokens.shape
+    device = tokens.device
     was_training = model.training
     model.eval()
     try:

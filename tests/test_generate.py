@@ -1,0 +1,283 @@
+"""Generation: the KV cache against full forwards, sampling, eos, batching, limits, and the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import GPTConfig, GPTModel, generate, stream_generate
+from model.generate import sample_next
+from model.kv_cache import KVCaches
+from model.ops import TorchOps
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True)
+# Fused runs go through Triton's interpreter: one layer, two heads, a handful of tokens.
+TINY = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=2, n_layers=1)
+PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [64], [11, 30, 30, 7]]  # lengths 7, 1, 4
+
+
+def make_model(cfg=SMALL, fused=False, seed=0):
+    torch.manual_seed(seed)
+    return GPTModel(cfg, fused=fused).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache against full forwards
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_sequence_pos", [False, True])
+def test_prefill_then_decode_logits_equal_full_forward(per_sequence_pos):
+    m = make_model()
+    idx = torch.randint(0, 97, (2, 13))
+    full = m(idx)  # (2, 13, V)
+    cache = KVCaches.for_model(m, batch_size=2, max_len=13)
+    parts = [m(idx[:, :5], cache=cache, input_pos=0)]
+    for t in range(5, 13):
+        pos = torch.full((2,), t) if per_sequence_pos else t
+        parts.append(m(idx[:, t : t + 1], cache=cache, input_pos=pos))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_whole_prefill():
+    m = make_model()
+    idx = torch.randint(0, 97, (3, 11))
+    whole = m(idx, cache=KVCaches.for_model(m, 3, 11), input_pos=0)
+    torch.testing.assert_close(whole, m(idx), atol=1e-5, rtol=1e-5)
+    for chunk in (1, 4):
+        cache = KVCaches.for_model(m, 3, 11)
+        parts = [m(idx[:, s : s + chunk], cache=cache, input_pos=s) for s in range(0, 11, chunk)]
+        torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5)
+    # and through generate: chunked prefill picks the same tokens
+    assert generate(m, PROMPTS, 6, prefill_chunk_size=3) == generate(m, PROMPTS, 6)
+
+
+def test_ragged_decode_positions_per_sequence():
+    """Right-padded batch: each row's decode logits equal that row run alone through a full forward."""
+    m = make_model()
+    lens = torch.tensor([6, 2, 4])
+    seqs = [torch.randint(0, 97, (int(n) + 3,)) for n in lens]  # prompt, then 3 decoded tokens
+    prompt = torch.zeros(3, 6, dtype=torch.long)
+    for b, n in enumerate(lens):
+        prompt[b, :n] = seqs[b][:n]
+    prompt[1, 2:] = 96  # pads: garbage that must never be seen
+    cache = KVCaches.for_model(m, 3, 9)
+    logits = m(prompt, cache=cache, input_pos=0)
+    steps = [logits[torch.arange(3), lens - 1]]
+    for i in range(3):
+        tok = torch.stack([seqs[b][lens[b] + i] for b in range(3)])[:, None]  # (3, 1)
+        steps.append(m(tok, cache=cache, input_pos=lens + i)[:, -1])
+    for b in range(3):
+        alone = m(seqs[b][None])[0]  # (n + 3, V)
+        want = alone[int(lens[b]) - 1 :]
+        torch.testing.assert_close(torch.stack([s[b] for s in steps]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_with_cache_equals_without():
+    m = make_model()
+    x = torch.randint(0, 97, (2, 5))
+    a = generate(m, x, 12)
+    assert a.shape == (2, 17) and torch.equal(a[:, :5], x)
+    assert torch.equal(a, generate(m, x, 12, use_cache=False))
+    assert torch.equal(generate(m, x[:1], 12), a[:1])
+    assert generate(m, PROMPTS, 10) == generate(m, PROMPTS, 10, use_cache=False)
+
+
+def test_batch_of_different_lengths_equals_each_alone():
+    m = make_model()
+    together = generate(m, PROMPTS, 10)
+    assert [len(s) for s in together] == [len(p) + 10 for p in PROMPTS]
+    assert together == [generate(m, [p], 10)[0] for p in PROMPTS]
+    assert together == generate(m, PROMPTS, 10, use_cache=False)
+
+
+def test_stream_yields_the_tokens_of_generate():
+    m = make_model()
+    steps = list(stream_generate(m, PROMPTS, 5))
+    assert len(steps) == 5 and all(s.shape == (3,) for s in steps)
+    out = generate(m, PROMPTS, 5)
+    assert [p + [int(s[b]) for s in steps] for b, p in enumerate(PROMPTS)] == out
+
+
+def test_generate_restores_training_mode_and_leaves_no_grad():
+    m = make_model().train()
+    generate(m, [[1, 2]], 3)
+    assert m.training
+    assert all(p.grad is None for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused path (Triton interpreter): flash_attention for prefill, decode_attention for decode
+# ----------------------------------------------------------------------------------------------
+def test_fused_cache_matches_full_forward_and_greedy_without_cache():
+    m = make_model(TINY, fused=True)
+    idx = torch.randint(0, 61, (2, 7))
+    full = m(idx)
+    cache = KVCaches.for_model(m, 2, 7)
+    parts = [m(idx[:, :4], cache=cache, input_pos=0)]
+    parts.append(m(idx[:, 4:6], cache=cache, input_pos=4))  # a chunk continuing the cache
+    parts.append(m(idx[:, 6:], cache=cache, input_pos=torch.tensor([6, 6])))  # the decode kernel
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, make_model(TINY)(idx), atol=1e-5, rtol=1e-5)  # same as PyTorch
+
+    prompts = [[3, 14, 15, 9, 2], [26]]
+    cached = generate(m, prompts, 4)
+    assert cached == generate(m, prompts, 4, use_cache=False)
+    assert cached == [generate(m, [p], 4)[0] for p in prompts]
+    assert cached == generate(make_model(TINY), prompts, 4)  # the PyTorch path picks the same tokens
+
+
+def test_decode_attention_ops_agree():
+    """TorchOps.decode_attention (masked SDPA) against the plain book math, per-sequence lengths."""
+    torch.manual_seed(0)
+    B, H, L, D, Tq = 3, 2, 9, 8, 2
+    q = torch.randn(B, H, Tq, D, dtype=torch.float64)
+    k, v = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, H, L, D, dtype=torch.float64)
+    lens = torch.tensor([9, 2, 5])
+    out = TorchOps().decode_attention(q, k, v, lens)
+    for b in range(B):
+        n = int(lens[b])
+        kb, vb = k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+        scores = q[b : b + 1] @ kb.transpose(-2, -1) / D**0.5  # (1, H, Tq, n)
+        scores = scores.masked_fill(~torch.ones(Tq, n, dtype=torch.bool).tril(n - Tq), float("-inf"))
+        torch.testing.assert_close(out[b : b + 1], torch.softmax(scores, -1) @ vb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits: clear errors, never a crash or a silent wrap
+# ----------------------------------------------------------------------------------------------
+def test_context_overflow_is_an_error_before_running():
+    m = make_model()
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match="exceeds the model's context length 32"):
+            generate(m, torch.zeros(1, 30, dtype=torch.long), 3, use_cache=use_cache)
+        with pytest.raises(ValueError, match="context length"):
+            generate(m, [[1] * 25, [2]], 8, use_cache=use_cache)  # the longest prompt decides
+    assert generate(m, torch.zeros(1, 30, dtype=torch.long), 2).shape == (1, 32)  # exactly full is fine
+
+
+def test_cache_overflow_and_misuse_are_errors():
+    m = make_model()
+    cache = KVCaches.for_model(m, batch_size=1, max_len=8)
+    m(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        m(torch.zeros(1, 3, dtype=torch.long), cache=cache, input_pos=6)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        m(torch.zeros(1, 1, dtype=torch.long), cache=cache, input_pos=torch.tensor([8]))
+    with pytest.raises(ValueError, match=">= 0"):
+        m(torch.zeros(1, 1, dtype=torch.long), cache=cache, input_pos=-1)
+    with pytest.raises(ValueError, match="built for 1"):
+        m(torch.zeros(2, 1, dtype=torch.long), cache=cache, input_pos=0)
+    with pytest.raises(ValueError, match="integer tensor"):
+        m(torch.zeros(1, 1, dtype=torch.long), cache=cache, input_pos=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="only meaningful with a KV cache"):
+        m(torch.zeros(1, 1, dtype=torch.long), input_pos=3)
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        KVCaches.for_model(m, 1, max_len=33)
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.zeros(1, 1, dtype=torch.long), cache=KVCaches.for_model(m, 1, 4, dtype=torch.float64))
+
+
+def test_bad_generation_arguments():
+    m = make_model()
+    x = torch.zeros(1, 2, dtype=torch.long)
+    for kwargs, msg in [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"),
+                        ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(m, x, 2, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, x, -1)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(m, [[1], []], 2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        generate(m, x.float(), 2)
+    assert torch.equal(generate(m, x, 0), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and stopping
+# ----------------------------------------------------------------------------------------------
+def test_sampling_controls():
+    m = make_model()
+    x = torch.randint(0, 97, (2, 4))
+    greedy = generate(m, x, 8)
+    assert torch.equal(generate(m, x, 8, temperature=1.5, top_k=1, seed=0), greedy)
+    assert torch.equal(generate(m, x, 8, temperature=1.5, top_p=1e-6, seed=0), greedy)
+    a = generate(m, x, 8, temperature=2.0, seed=1)
+    assert torch.equal(a, generate(m, x, 8, temperature=2.0, seed=1))  # a seed reproduces the text
+    assert torch.equal(a, generate(m, x, 8, temperature=2.0, generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, greedy) and not torch.equal(a, generate(m, x, 8, temperature=2.0, seed=2))
+
+
+def test_sample_next_filters():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 3}
+    assert set(sample_next(logits, 1.0, top_p=0.7, generator=g).tolist()) == {1, 3}  # 0.5 + 0.3 >= 0.7
+    assert set(sample_next(logits, 1.0, top_p=0.85, generator=g).tolist()) == {1, 2, 3}
+    free = sample_next(logits, 1.0, generator=g)
+    torch.testing.assert_close(torch.bincount(free, minlength=4) / 4000.0, probs, atol=0.03, rtol=0)
+    # a low temperature sharpens: token 1 (p = 0.5) takes nearly everything at T = 0.1
+    assert (sample_next(logits, 0.1, generator=g) == 1).float().mean() > 0.98
+    assert torch.equal(sample_next(logits[:2], 0.0), torch.tensor([1, 1]))
+
+
+def test_eos_stops_each_sequence():
+    m = make_model()
+    free = generate(m, PROMPTS, 8)
+    eos = free[0][len(PROMPTS[0]) + 2]  # the third token sequence 0 generates
+    out = generate(m, PROMPTS, 8, eos_id=eos)
+    for p, f, o in zip(PROMPTS, free, out):
+        new = f[len(p):]
+        stop = new.index(eos) + 1 if eos in new else len(new)
+        assert o == p + new[:stop]  # up to and including eos, then nothing
+    # tensor in, tensor out: when every row is done the loop ends early; a finished row is padded
+    n0 = free[0][len(PROMPTS[0]) :].index(eos) + 1  # 3, or fewer if eos also came earlier
+    t = generate(m, torch.tensor([PROMPTS[0]]), 8, eos_id=eos)
+    assert t[0].tolist() == free[0][: len(PROMPTS[0]) + n0]
+    pair = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    alone = generate(m, pair, 8)
+    both = generate(m, pair, 8, eos_id=eos, pad_id=0)
+    row0 = both[0, len(PROMPTS[0]) :]
+    assert row0[:n0].tolist() == free[0][len(PROMPTS[0]) :][:n0] and (row0[n0:] == 0).all()
+    n1 = both.shape[1] - len(PROMPTS[0])
+    assert n1 > n0 or eos in alone[1, len(PROMPTS[0]) :].tolist()
+    assert both[1, : len(PROMPTS[0]) + n0].tolist() == alone[1, : len(PROMPTS[0]) + n0].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+def _run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_cli_end_to_end(tmp_path):
+    from model.tokenizer import decode, encode
+
+    cfg = GPTConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1)  # the full GPT-2 vocabulary
+    m = make_model(cfg)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": m.state_dict(), "model_config": cfg.to_dict()}, ckpt)  # model/training.py's keys
+    prompts = ["Every effort moves you", "Hello"]
+    want = [decode(s) for s in generate(m, [encode(p) for p in prompts], 6, eos_id=50256)]
+
+    r = _run_cli("--checkpoint", str(ckpt), "--prompt", prompts[0], "--max-new-tokens", "6")
+    assert r.stdout.strip() == want[0].strip()  # streamed piece by piece, the same text
+    assert "tokens/s" in r.stderr
+
+    hf = tmp_path / "hf"
+    m.save_pretrained(hf)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    r = _run_cli("--checkpoint", str(hf), "--prompt-file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "6", "--no-cache")
+    for w in want:
+        assert w in r.stdout
+    assert "tokens/s" in r.stderr
