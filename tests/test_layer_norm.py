@@ -1,0 +1,148 @@
+"""layer_norm against the float64 book formula, by FlashAttention's rule: forward, dX, dW and dB, every
+dtype, awkward widths and row counts, non-contiguous inputs, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels.layer_norm import MAX_N, _as_rows, _layer_norm_bwd, _layer_norm_fwd, layer_norm
+from kernels.testing import assert_close_to_reference, poison_
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _leaf(t):
+    return t.detach().requires_grad_()  # keeps t's strides: a view stays a view
+
+
+def _fwd_bwd(fn, x, w, b, dy):
+    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y, x.grad, w.grad, b.grad
+
+
+def _torch_layer_norm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w.to(x.dtype), b.to(x.dtype))
+
+
+def _check(x, w, b, dy=None):
+    """Kernel vs float64 reference vs PyTorch in x's dtype, for y, dX, dW and dB."""
+    if dy is None:
+        dy = torch.randn(x.shape, dtype=x.dtype)
+    got = _fwd_bwd(layer_norm, x, w, b, dy)
+    exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
+    torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
+    for name, g, e, t in zip(("y", "dx", "dw", "db"), got, exact, torch_):
+        assert_close_to_reference(f"layer_norm {name} {x.dtype}", g, e, t)
+    assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
+    assert got[2].dtype == w.dtype and got[3].dtype == b.dtype
+    assert got[1].shape == x.shape
+
+
+def _params(N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.5 * torch.randn(N, generator=g)).to(dtype), (0.5 * torch.randn(N, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 100),  # one row, one group
+        (7, 777),  # odd width; 7 rows in groups of 4 and 3
+        (2, 5, 1600),  # 3-D, GPT-2 1558M's width
+        (3, 8192),  # a wide row: 16 warps' worth of registers
+    ],
+)
+def test_matches_reference(dtype, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    _check(x, *_params(shape[-1], dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_params_with_half_input(dtype):
+    """The model's case: activations in fp16/bf16, weight and bias fp32 parameters (grads stay fp32)."""
+    torch.manual_seed(1)
+    _check(torch.randn(7, 777, dtype=dtype), *_params(777, torch.float32))
+
+
+def test_large_mean_rows():
+    """Rows far from 0 (mean 1000, spread 1): a one-pass E[x^2] - E[x]^2 variance would cancel away."""
+    torch.manual_seed(2)
+    _check(torch.randn(5, 300) + 1000, *_params(300, torch.float32))
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(3)
+    w, b = _params(100, torch.float32)
+    _check(torch.randn(9, 1000)[:, 100:877], *_params(777, torch.float32))  # column slice: rows 1000 apart
+    _check(torch.randn(14, 100)[::2], w, b)  # every other row: row stride 200, no copy
+    _check(torch.randn(100, 13).t(), w, b)  # transposed: columns strided, copied once
+    _check(torch.randn(5, 3, 100).transpose(0, 1), w, b)  # permuted 3-D: rows unevenly spaced
+    _check(torch.randn(7, 100), torch.randn(200)[::2], torch.randn(300)[::3])  # strided weight and bias
+    _check(torch.randn(6, 100), w, b, dy=torch.randn(100, 6).t())  # strided gradient
+
+
+def test_broadcast_gradient():
+    """y.sum().backward() hands backward an expanded gradient whose strides are all 0."""
+    torch.manual_seed(4)
+    x, (w, b) = torch.randn(3, 4, 50), _params(50, torch.float32)
+    got = _fwd_bwd(lambda *a: layer_norm(*a).mul(torch.arange(50.0)).sum(), x, w, b, None)
+    exact = _fwd_bwd(lambda *a: reference.layer_norm(*a).mul(torch.arange(50.0)).sum(),
+                     x.double(), w.double(), b.double(), None)
+    torch_ = _fwd_bwd(lambda *a: _torch_layer_norm(*a).mul(torch.arange(50.0)).sum(), x, w, b, None)
+    for name, g, e, t in zip(("loss", "dx", "dw", "db"), got, exact, torch_):
+        assert_close_to_reference(f"layer_norm {name}", g, e, t)
+
+
+def test_every_output_element_is_written():
+    """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
+    torch.manual_seed(5)
+    M, N = 7, 777
+    x, dy, (w, b) = torch.randn(M, N), torch.randn(M, N), _params(N, torch.float32)
+    y, dx = poison_(torch.empty(M, N)), poison_(torch.empty(M, N))
+    mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
+    _layer_norm_fwd(_as_rows(x, N), w, b, 1e-5, y, mean, rstd)
+    dw, db = _layer_norm_bwd(_as_rows(dy, N), _as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
+    exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
+    torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
+    for name, g, e, t in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), exact, torch_):
+        assert_close_to_reference(name, g, e, t)
+    torch.testing.assert_close(mean, x.mean(-1))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.var(-1, unbiased=False) + 1e-5))
+
+
+def test_no_rows():
+    x = torch.randn(0, 64, requires_grad=True)
+    w, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    y = layer_norm(x, w, b)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
+
+
+N8 = torch.ones(8)
+
+
+@pytest.mark.parametrize(
+    "x, w, b, kwargs, error, match",
+    [
+        (torch.randn(4, 8), torch.ones(9), N8, {}, ValueError, r"weight has shape \(9,\), expected \(8,\)"),
+        (torch.randn(4, 8), N8, torch.ones(1, 8), {}, ValueError, r"bias has shape \(1, 8\), expected \(8,\)"),
+        (torch.randn(()), torch.ones(1), torch.ones(1), {}, ValueError, "at least one dimension"),
+        (torch.randn(2, 0), torch.ones(0), torch.ones(0), {}, ValueError, "1 to 16384 elements"),
+        (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1), {}, ValueError, "1 to 16384"),
+        (torch.ones(4, 8, dtype=torch.int64), N8, N8, {}, TypeError, "x has dtype torch.int64"),
+        (torch.randn(4, 8), N8.double(), N8, {}, TypeError, "weight has dtype torch.float64"),
+        (torch.randn(4, 8, dtype=torch.bfloat16), N8.half(), N8, {}, TypeError, "weight must be float32 or x's"),
+        (torch.randn(4, 8), N8, torch.ones(8, device="meta"), {}, ValueError, "one device"),
+        (torch.randn(4, 8), N8, N8, {"eps": 0.0}, ValueError, "eps must be a positive number"),
+        (torch.randn(4, 8), N8, None, {}, TypeError, "bias must be a tensor"),
+    ],
+)
+def test_bad_input(x, w, b, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        layer_norm(x, w, b, **kwargs)
