@@ -311,3 +311,20 @@ def skip_without_cuda() -> torch.device:
             "interpreter, which checks correctness and is no speed path (its timings would mean nothing)"
         )
     return torch.device("cuda")
+
+
+def time_call(fn: Callable[[], object], device: torch.device, rounds: int, warmup_rounds: int = 0, benchmark=None) -> float:
+    """Median seconds of a synchronized call: timed by pytest-benchmark when a fixture is given (see
+    run_pedantic), else here (a baseline measured for a ratio, outside its own test)."""
+    if benchmark is not None:
+        return run_pedantic(benchmark, fn, device, rounds=rounds, warmup_rounds=warmup_rounds)
+    for _ in range(warmup_rounds):
+        fn()
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

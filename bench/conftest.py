@@ -17,7 +17,7 @@ def cuda() -> torch.device:
     return skip_without_cuda()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

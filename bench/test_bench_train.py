@@ -1,0 +1,102 @@
+"""Training throughput of gpt2-124M: one optimizer step (forward, loss, backward, AdamW) per call.
+
+Implementations: the PyTorch path (SDPA, F.layer_norm, ... : the baseline), the same model on our
+Triton kernels (`fused=True`), and `torch.compile` of the PyTorch path. On a GPU: bf16 autocast,
+8 sequences of 1024 tokens. On a CPU: fp32 and a short sequence, PyTorch only (the kernels would
+run in Triton's interpreter, and compiling with inductor on a CPU takes minutes).
+
+extra_info: tokens/s, MFU (model FLOPs per second over the device's dense bf16 peak, from the one
+table in bench_util.PEAK_BF16_TFLOPS; left out where the device is not in it), peak memory, and the
+speedup over the PyTorch path measured in this session.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from bench_util import device_name, gpt_train_flops, peak_bf16_tflops, peak_memory, sync, time_call
+from model import GPTConfig, GPTModel
+
+PRESET = "gpt2-124M"
+IMPLS = ["torch", "fused", "compile"]
+
+
+def shape(device: torch.device, quick: bool) -> tuple[int, int]:
+    """(batch, seq_len): GPT-2's full context on a GPU; on a CPU a size one step of which takes
+    seconds. With --benchmark-disable (one untimed run, to check the bench works) smaller still."""
+    if device.type == "cuda":
+        return (2, 256) if quick else (8, 1024)
+    return (1, 32) if quick else (1, 128)
+
+
+def measure_train(impl: str, device: torch.device, quick: bool, benchmark=None) -> dict:
+    B, T = shape(device, quick)
+    cfg = GPTConfig.from_preset(PRESET)
+    with torch.device(device):
+        model = GPTModel(cfg, fused=impl == "fused")
+    cuda = device.type == "cuda"
+    # fused AdamW: one pass over the parameters (on a CPU ~10x faster than the per-op default).
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+    def loss_fn(x, y):
+        return model.loss(model(x), y)
+
+    if impl == "compile":
+        torch._dynamo.reset()
+        loss_fn = torch.compile(loss_fn)
+    x, y = (torch.randint(0, cfg.vocab_size, (B, T), device=device) for _ in range(2))
+
+    def step():
+        with amp():
+            loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if not quick:
+        step()  # compile, autotune, allocate the optimizer's state: untimed
+        sync(device)
+    mem = peak_memory(step, device)
+    rounds = (10, 2) if cuda else (3, 0)
+    secs = time_call(step, device, rounds=rounds[0], warmup_rounds=rounds[1], benchmark=benchmark)
+    flops = gpt_train_flops(model, B, T)
+    info = {
+        "bench": "train",
+        "impl": impl,
+        "model": PRESET,
+        "batch": B,
+        "seq_len": T,
+        "dtype": "bf16 autocast" if cuda else "fp32",
+        "device": device_name(device),
+        "quick": quick,
+        "step_ms": round(secs * 1e3, 3),
+        "tokens_per_s": round(B * T / secs, 1),
+        "model_tflops": round(flops / secs / 1e12, 3),
+        **mem,
+    }
+    peak = peak_bf16_tflops(device_name(device)) if cuda else None
+    if peak is not None:
+        info["mfu"] = round(flops / secs / (peak * 1e12), 4)
+        info["peak_bf16_tflops"] = peak
+    return info
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_train_step(benchmark, device, timings, impl):
+    if impl == "fused" and device.type != "cuda":
+        pytest.skip("no CUDA device: the fused path would run the kernels in Triton's interpreter, no speed path")
+    if impl == "compile" and device.type != "cuda":
+        pytest.skip("no CUDA device: torch.compile on a CPU spends minutes building C++; the CPU bench keeps to eager")
+    quick = benchmark.disabled
+    benchmark.group = f"train {PRESET}"
+    info = measure_train(impl, device, quick, benchmark)
+    timings[("train", impl, device.type, quick)] = info["step_ms"]
+    if impl != "torch":
+        key = ("train", "torch", device.type, quick)
+        if key not in timings:  # the baseline did not run yet in this session: measure it now
+            timings[key] = measure_train("torch", device, quick)["step_ms"]
+        info["vs_torch"] = round(timings[key] / info["step_ms"], 3)
+    benchmark.extra_info.update(info)
