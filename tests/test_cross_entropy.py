@@ -75,7 +75,7 @@ def check_against_reference(logits, target, reduction, ignore_index=-100, max_bl
 
 # (V, N, max_block_v): one chunk (V=5), many ragged chunks on a small vocabulary (1000 = 7 x 128 + 104),
 # the launcher's own choice for 1000 (one chunk of 1024), and GPT-2's vocabulary (12 x 4096 + 1105).
-SHAPES = [(5, 37, 4096), (1000, 19, 128), (1000, 7, 4096), (50257, 3, 4096)]
+SHAPES = [(5, 17, 4096), (1000, 9, 128), (1000, 5, 4096), (50257, 3, 4096)]
 
 
 @pytest.mark.parametrize("V,N,max_block_v", SHAPES, ids=lambda v: str(v))
@@ -103,7 +103,7 @@ def test_running_max_rescaling():
 def test_large_magnitude_logits(dtype):
     # Logits of magnitude 1e3: exp overflows without the max subtraction. Some rows target their
     # argmax, so the loss is a near-total cancellation of lse and x[t] (the loss is ~0 there).
-    N, V = 8, 1000
+    N, V = 6, 600
     logits, target = make_inputs(N, V, dtype, n_ignored=1, magnitude=1e3, seed=3)
     target[:3] = logits[:3].float().argmax(dim=1)
     for reduction in REDUCTIONS:
