@@ -29,6 +29,7 @@ def make_model(cfg=SMALL, fused=False, seed=0):
 # The cache against full forwards
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("per_sequence_pos", [False, True])
+@torch.no_grad()
 def test_prefill_then_decode_logits_equal_full_forward(per_sequence_pos):
     m = make_model()
     idx = torch.randint(0, 97, (2, 13))
@@ -41,6 +42,7 @@ def test_prefill_then_decode_logits_equal_full_forward(per_sequence_pos):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
 def test_chunked_prefill_equals_whole_prefill():
     m = make_model()
     idx = torch.randint(0, 97, (3, 11))
@@ -54,6 +56,7 @@ def test_chunked_prefill_equals_whole_prefill():
     assert generate(m, PROMPTS, 6, prefill_chunk_size=3) == generate(m, PROMPTS, 6)
 
 
+@torch.no_grad()
 def test_ragged_decode_positions_per_sequence():
     """Right-padded batch: each row's decode logits equal that row run alone through a full forward."""
     m = make_model()
@@ -111,6 +114,7 @@ def test_generate_restores_training_mode_and_leaves_no_grad():
 # ----------------------------------------------------------------------------------------------
 # The fused path (Triton interpreter): flash_attention for prefill, decode_attention for decode
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
 def test_fused_cache_matches_full_forward_and_greedy_without_cache():
     m = make_model(TINY, fused=True)
     idx = torch.randint(0, 61, (2, 7))
@@ -158,6 +162,7 @@ def test_context_overflow_is_an_error_before_running():
     assert generate(m, torch.zeros(1, 30, dtype=torch.long), 2).shape == (1, 32)  # exactly full is fine
 
 
+@torch.no_grad()
 def test_cache_overflow_and_misuse_are_errors():
     m = make_model()
     cache = KVCaches.for_model(m, batch_size=1, max_len=8)
