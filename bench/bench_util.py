@@ -88,6 +88,11 @@ def gpt_train_flops(model, B: int, T: int) -> float:
     return 6 * n_matmul * B * T + attn
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """x rounded to a few significant digits (a timing is not known to more)."""
+    return float(f"{x:.{digits}g}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +129,12 @@ def time_cuda_ms(fn: Callable[[], object], quick: bool = False, budget_ms: float
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def median_ms(fn: Callable[[], object], quick: bool = False) -> float:
-    return statistics.median(time_cuda_ms(fn, quick=quick))
+def median_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
+    """Median milliseconds of fn: CUDA events on a GPU; elsewhere the wall clock (the kernel benches
+    skip off-GPU, but the bench code itself can then be exercised on a CPU)."""
+    if device.type == "cuda":
+        return statistics.median(time_cuda_ms(fn, quick=quick))
+    return 1e3 * time_call(fn, device, rounds=1 if quick else 5)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
@@ -263,12 +272,13 @@ def kernel_bench(
             try:
                 step = make_step(impls[name], inputs, pass_, grad_argnums)
                 step()  # compile / autotune, untimed
-                timings[key] = median_ms(step, quick=quick)
+                timings[key] = median_ms(step, device, quick=quick)
             except RuntimeError as err:
                 if not _is_oom(err):
                     raise
                 timings[key] = None  # too big for this GPU: the ratio is left out, not invented
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         return timings[key]
 
     try:
@@ -288,8 +298,8 @@ def kernel_bench(
         "x_label": x_label,
         "size": size,
         "metric": metric,
-        "value": round(amount / (ms * 1e-3) / scale, 3),
-        "median_ms": round(ms, 5),
+        "value": sig(amount / (ms * 1e-3) / scale),
+        "median_ms": sig(ms),
         "dtype": str(inputs[0].dtype).replace("torch.", ""),
         "device": device_name(device),
         "quick": quick,
@@ -299,7 +309,7 @@ def kernel_bench(
     for base in baselines:
         base_ms = measure(base)
         if base_ms is not None:
-            extra[f"vs_{base}"] = round(base_ms / ms, 3)
+            extra[f"vs_{base}"] = sig(base_ms / ms)
     benchmark.extra_info.update(extra)
     run_pedantic(benchmark, step, device, rounds=50, warmup_rounds=5)
 

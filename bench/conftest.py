@@ -32,3 +32,16 @@ def timings() -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record what the numbers were measured on and with, in the --benchmark-json output."""
+    machine_info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    machine_info["torch"] = torch.__version__
+    machine_info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None

@@ -13,7 +13,7 @@ measured in the same session and reported as extra_info["vs_no_cache"].
 import pytest
 import torch
 
-from bench_util import device_name, peak_memory, time_call
+from bench_util import device_name, peak_memory, sig, time_call
 from model import GPTConfig, GPTModel
 
 PRESET = "gpt2-124M"
@@ -70,8 +70,8 @@ def measure_generate(model, impl, use_cache, batch, device, quick, benchmark=Non
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": device_name(device),
         "quick": quick,
-        "seconds": round(secs, 4),
-        "tokens_per_s": round(batch * n_new / secs, 2),
+        "seconds": sig(secs),
+        "tokens_per_s": sig(batch * n_new / secs),
         **mem,
     }
 
@@ -91,7 +91,7 @@ def test_generate(benchmark, gpt2, device, timings, impl, use_cache, batch):
         key = ("generate", b_impl, b_cache, batch, device.type, quick)
         if key not in timings:  # not run yet in this session: measure it now
             timings[key] = measure_generate(gpt2, b_impl, b_cache, batch, device, quick)["seconds"]
-        return round(timings[key] / info["seconds"], 3)
+        return sig(timings[key] / info["seconds"])
 
     if use_cache:
         info["vs_no_cache"] = baseline(impl, False)

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 
-from bench_util import device_name, gpt_train_flops, peak_bf16_tflops, peak_memory, sync, time_call
+from bench_util import device_name, gpt_train_flops, peak_bf16_tflops, peak_memory, sig, sync, time_call
 from model import GPTConfig, GPTModel
 
 PRESET = "gpt2-124M"
@@ -72,14 +72,14 @@ def measure_train(impl: str, device: torch.device, quick: bool, benchmark=None) 
         "dtype": "bf16 autocast" if cuda else "fp32",
         "device": device_name(device),
         "quick": quick,
-        "step_ms": round(secs * 1e3, 3),
-        "tokens_per_s": round(B * T / secs, 1),
-        "model_tflops": round(flops / secs / 1e12, 3),
+        "step_ms": sig(secs * 1e3),
+        "tokens_per_s": sig(B * T / secs),
+        "model_tflops": sig(flops / secs / 1e12),
         **mem,
     }
     peak = peak_bf16_tflops(device_name(device)) if cuda else None
     if peak is not None:
-        info["mfu"] = round(flops / secs / (peak * 1e12), 4)
+        info["mfu"] = sig(flops / secs / (peak * 1e12))
         info["peak_bf16_tflops"] = peak
     return info
 
@@ -98,5 +98,5 @@ def test_train_step(benchmark, device, timings, impl):
         key = ("train", "torch", device.type, quick)
         if key not in timings:  # the baseline did not run yet in this session: measure it now
             timings[key] = measure_train("torch", device, quick)["step_ms"]
-        info["vs_torch"] = round(timings[key] / info["step_ms"], 3)
+        info["vs_torch"] = sig(timings[key] / info["step_ms"])
     benchmark.extra_info.update(info)

@@ -1,0 +1,191 @@
+"""Turn `pytest bench/ --benchmark-json FILE` output into a markdown report and PNG plots.
+
+    python scripts/bench_report.py bench/results/<device>-<date>/bench.json [--out DIR]
+
+Writes DIR/report.md (default: the JSON's folder) and, per kernel and pass, DIR/<kernel>_<pass>.png:
+throughput (TFLOP/s or GB/s) against size, one line per implementation, like the plots of the
+Triton tutorials. Reads only what the benches put in `extra_info` (see bench/bench_util.py):
+
+  kernel benches:      kernel, pass, impl, x_label, size, metric, value, vs_<baseline>, peak_extra_mb
+  end-to-end benches:  bench ("train" / "generate"), impl, tokens_per_s, mfu, vs_<baseline>, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+OURS = "triton"  # the implementation whose ratios to the baselines the tables show
+# Columns of the end-to-end tables, in this order when present (any other extra_info key follows).
+E2E_COLUMNS = [
+    "impl", "kv_cache", "batch", "seq_len", "prompt_tokens", "new_tokens", "dtype", "tokens_per_s",
+    "step_ms", "seconds", "model_tflops", "mfu", "peak_mem_mb",
+]
+E2E_HIDDEN = {"bench", "model", "device", "quick", "peak_bf16_tflops"}
+
+
+def load(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if "benchmarks" not in data:
+        raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' key)")
+    return data
+
+
+def kernel_series(benchmarks: list[dict]) -> dict:
+    """{(kernel, pass): {"metric", "x_label", "dtype", "rows": {size: {impl: extra_info}}}}."""
+    out: dict = {}
+    for b in benchmarks:
+        ei = b.get("extra_info") or {}
+        if "kernel" not in ei or "value" not in ei:
+            continue
+        key = (ei["kernel"], ei["pass"])
+        s = out.setdefault(key, {"metric": ei["metric"], "x_label": ei["x_label"], "dtype": ei.get("dtype", ""),
+                                 "rows": defaultdict(dict)})
+        s["rows"][int(ei["size"])][ei["impl"]] = ei
+    return out
+
+
+def _impls(series: dict) -> list[str]:
+    """Implementations in order of first appearance, ours first."""
+    seen: list[str] = []
+    for by_impl in series["rows"].values():
+        for impl in by_impl:
+            if impl not in seen:
+                seen.append(impl)
+    return sorted(seen, key=lambda i: i != OURS)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def kernel_table(kernel: str, pass_: str, series: dict) -> list[str]:
+    impls = _impls(series)
+    ours = [ei for by_impl in series["rows"].values() for i, ei in by_impl.items() if i == OURS]
+    ratios = list(dict.fromkeys(k for ei in ours for k in ei if k.startswith("vs_")))  # baselines' order
+    header = [series["x_label"]] + [f"{i} ({series['metric']})" for i in impls]
+    header += [f"{OURS} {r.replace('_', ' ', 1)}" for r in ratios]
+    header += [f"{i} peak MiB" for i in impls]
+    rows = []
+    for size in sorted(series["rows"]):
+        by_impl = series["rows"][size]
+        row = [size] + [by_impl.get(i, {}).get("value") for i in impls]
+        row += [by_impl.get(OURS, {}).get(r) for r in ratios]
+        row += [by_impl.get(i, {}).get("peak_extra_mb") for i in impls]
+        rows.append(row)
+    lines = [f"### {kernel}, {pass_} ({series['dtype']}; {series['metric']}, higher is better)", ""]
+    lines += _table(header, rows)
+    lines += ["", f"![{kernel} {pass_}]({plot_name(kernel, pass_)})", ""]
+    return lines
+
+
+def e2e_tables(benchmarks: list[dict]) -> list[str]:
+    groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+    for b in benchmarks:
+        ei = b.get("extra_info") or {}
+        if "bench" in ei:
+            groups[ei["bench"]].append((ei, b.get("stats") or {}))
+    lines = []
+    for bench, items in groups.items():
+        keys = [k for k in E2E_COLUMNS if any(k in ei for ei, _ in items)]
+        keys += sorted({k for ei, _ in items for k in ei} - set(keys) - E2E_HIDDEN)
+        models = sorted({ei.get("model", "") for ei, _ in items})
+        lines += [f"### {bench} ({', '.join(models)})", ""]
+        lines += _table(keys, [[ei.get(k) for k in keys] for ei, _ in items])
+        lines.append("")
+    return lines
+
+
+def plot_name(kernel: str, pass_: str) -> str:
+    return f"{kernel}_{pass_.replace('+', '_')}.png"
+
+
+def plot_kernel(kernel: str, pass_: str, series: dict, path: Path, device: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for impl in _impls(series):
+        pts = sorted((size, by_impl[impl]["value"]) for size, by_impl in series["rows"].items() if impl in by_impl)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linewidth=2, label=impl)
+    ax.set_xscale("log", base=2)
+    sizes = sorted(series["rows"])
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel(series["x_label"])
+    ax.set_ylabel(series["metric"])
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{kernel} {pass_} ({series['dtype']})" + (f" on {device}" if device else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(data: dict, out: Path) -> Path:
+    """Write report.md and the plots into out; return the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    benchmarks = data["benchmarks"]
+    mi = data.get("machine_info") or {}
+    device = mi.get("device", "")
+    lines = ["# Benchmark results", ""]
+    facts = [("device", device), ("torch", mi.get("torch")), ("triton", mi.get("triton")),
+             ("CUDA", mi.get("cuda")), ("date", data.get("datetime")),
+             ("commit", (data.get("commit_info") or {}).get("id"))]
+    lines += [f"- {k}: {v}" for k, v in facts if v]
+    lines += ["", "Ratios (`vs X`) are median(X) / median(ours), both measured in the same session on the "
+              "same inputs: above 1 means ours is faster. Peak MiB is the memory one call allocates on "
+              "top of its inputs.", ""]
+    if not benchmarks:
+        lines += ["No benchmark results in this file (was it run with --benchmark-disable?).", ""]
+    series_all = kernel_series(benchmarks)
+    if series_all:
+        lines += ["## Kernels", ""]
+    for (kernel, pass_), series in series_all.items():
+        lines += kernel_table(kernel, pass_, series)
+        plot_kernel(kernel, pass_, series, out / plot_name(kernel, pass_), device)
+    e2e = e2e_tables(benchmarks)
+    if e2e:
+        lines += ["## End to end", ""] + e2e
+    if any((b.get("extra_info") or {}).get("quick") for b in benchmarks):
+        lines += ["Rows marked quick come from a single untimed run (--benchmark-disable): not measurements.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", type=Path, help="output of pytest bench/ --benchmark-json FILE")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: the JSON's folder)")
+    args = ap.parse_args(argv)
+    try:
+        data = load(args.json)
+    except (OSError, ValueError) as err:
+        print(f"bench_report: {err}", file=sys.stderr)
+        return 2
+    path = report(data, args.out or args.json.parent)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
