@@ -1,0 +1,103 @@
+"""scripts/bench_report.py on a small --benchmark-json file written here: tables and plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_report.py"
+
+
+def _kernel(impl, size, value, **extra):
+    return {"kernel": "attention", "pass": "fwd", "impl": impl, "x_label": "T", "size": size,
+            "metric": "TFLOP/s", "value": value, "median_ms": 1.0, "dtype": "bfloat16", "quick": False, **extra}
+
+
+def _bench(name, extra_info, median=0.001):
+    return {"group": "g", "name": name, "fullname": f"bench/x.py::{name}", "params": {}, "param": None,
+            "extra_info": extra_info, "stats": {"median": median, "min": median, "max": median, "rounds": 3}}
+
+
+def _write_json(path: Path) -> None:
+    benchmarks = [
+        _bench("t1", _kernel("triton", 512, 150.5, vs_sdpa=1.25, vs_eager=9.5, peak_extra_mb=3.0)),
+        _bench("t2", _kernel("triton", 2048, 201.0, vs_sdpa=0.875, vs_eager=31.0, peak_extra_mb=12.0)),
+        _bench("s1", _kernel("sdpa", 512, 120.4, vs_sdpa=1.0, vs_eager=7.6, peak_extra_mb=4.0)),
+        _bench("s2", _kernel("sdpa", 2048, 229.7, vs_sdpa=1.0, vs_eager=35.4, peak_extra_mb=16.0)),
+        _bench("g1", {"bench": "generate", "impl": "torch", "kv_cache": False, "model": "gpt2-124M",
+                      "batch": 1, "new_tokens": 200, "tokens_per_s": 4.25, "quick": False}),
+        _bench("g2", {"bench": "generate", "impl": "torch", "kv_cache": True, "model": "gpt2-124M",
+                      "batch": 1, "new_tokens": 200, "tokens_per_s": 38.5, "vs_no_cache": 9.06, "quick": False}),
+        _bench("tr", {"bench": "train", "impl": "fused", "model": "gpt2-124M", "batch": 8, "seq_len": 1024,
+                      "tokens_per_s": 123456.0, "mfu": 0.4125, "peak_mem_mb": 20480.5, "vs_torch": 1.1}),
+    ]
+    data = {"machine_info": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0"},
+            "commit_info": {"id": "abc123"}, "benchmarks": benchmarks, "datetime": "2026-01-02T03:04:05",
+            "version": "5.2.3"}
+    path.write_text(json.dumps(data))
+
+
+def test_report_tables_and_plot(tmp_path):
+    src = tmp_path / "bench.json"
+    _write_json(src)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(SCRIPT), str(src), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    md = (out / "report.md").read_text()
+
+    for fact in ("NVIDIA H100 80GB HBM3", "torch: 2.11.0", "triton: 3.6.0", "2026-01-02"):
+        assert fact in md
+    # Kernel table: one row per size, ours first, then each baseline, ratios of ours in the baselines' order.
+    assert ("| T | triton (TFLOP/s) | sdpa (TFLOP/s) | triton vs sdpa | triton vs eager "
+            "| triton peak MiB | sdpa peak MiB |") in md
+    assert "| 512 | 150.5 | 120.4 | 1.25 | 9.5 | 3 | 4 |" in md
+    assert "| 2048 | 201 | 229.7 | 0.875 | 31 | 12 | 16 |" in md
+    assert md.index("| 512 |") < md.index("| 2048 |")
+    assert "![attention fwd](attention_fwd.png)" in md
+    # End-to-end tables: one per bench, the chosen columns in order.
+    assert "### generate (gpt2-124M)" in md and "### train (gpt2-124M)" in md
+    assert "| impl | kv_cache | batch | new_tokens | tokens_per_s | vs_no_cache |" in md
+    assert "| torch | no | 1 | 200 | 4.25 | - |" in md
+    assert "| torch | yes | 1 | 200 | 38.5 | 9.06 |" in md
+    assert "| fused | 8 | 1024 | 123,456 | 0.4125 | 20,480 | 1.1 |" in md
+
+    # The plot: one line per implementation, in matplotlib's first two cycle colours; no third line.
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    png = out / "attention_fwd.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(png)[..., :3]
+    assert img.shape[:2] == (420, 640)
+
+    def has_colour(hex_rgb):
+        rgb = np.array([int(hex_rgb[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        return bool((np.abs(img - rgb).max(axis=-1) < 0.02).any())
+
+    assert has_colour("#1f77b4") and has_colour("#ff7f0e")  # triton, sdpa
+    assert not has_colour("#2ca02c")
+    assert sorted(p.name for p in out.glob("*.png")) == ["attention_fwd.png"]
+
+
+def test_report_handles_empty_and_rejects_foreign_json(tmp_path, capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
+    assert bench_report.main([str(empty)]) == 0
+    assert "No benchmark results" in (tmp_path / "report.md").read_text()
+
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"hello": 1}))
+    assert bench_report.main([str(foreign)]) == 2
+    assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_report.main([])
