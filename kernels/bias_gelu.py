@@ -183,26 +183,28 @@ def _sum_partials_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-# A tile of TILE elements per program: 4096 fp32 values over 4 warps is 32 per thread, enough
-# independent loads in flight to cover memory latency. BLOCK_N follows the width up to MAX_BLOCK_N
-# and BLOCK_M fills the rest of the tile, so a narrow row is not padded to 256 columns.
-TILE = 4096
+# A tile of TILE elements per program, BLOCK_N following the width up to MAX_BLOCK_N and BLOCK_M
+# filling the rest, so a narrow row is not padded to 256 columns. 2048 elements over 8 warps is 8
+# per thread: ptxas (sm_80) gives the backward 70 registers, 3 programs per SM; a 4096 tile needed
+# 155 (1 program per SM, too few warps in flight to hide memory latency), and over 4 warps it spilled.
+TILE = 2048
 MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
-NUM_WARPS = 4
+NUM_WARPS = 8
 NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
 # The partial-sum reduction: 32 groups x 128 columns per step.
 SUM_BLOCK_G, SUM_BLOCK_N = 32, 128
 
 # Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
-# enough that the (n_groups, N) fp32 buffer stays a small fraction of the traffic. Off-GPU the count
-# is arbitrary; a handful of groups keeps the interpreter fast and still exercises the reduction.
+# enough that the (n_groups, N) fp32 buffer of partial sums stays a small fraction of the traffic.
+# Off-GPU the count is arbitrary; a handful of groups keeps the interpreter fast and still exercises
+# the reduction (several groups, the last one short).
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 
 
-def _target_programs(device: torch.device) -> int:
+def _num_programs(device: torch.device, per_sm: int) -> int:
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_PROGRAMS
 
 
@@ -251,7 +253,7 @@ def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: 
     cfg = _launch_config(N)
     n_col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
-    want_groups = max(1, min(n_row_tiles, _target_programs(x2.device) // n_col_blocks))
+    want_groups = max(1, min(n_row_tiles, _num_programs(x2.device, PROGRAMS_PER_SM) // n_col_blocks))
     tiles_per_group = triton.cdiv(n_row_tiles, want_groups)
     n_groups = triton.cdiv(n_row_tiles, tiles_per_group)  # no empty group at the end
     partial = torch.empty((n_groups, N), dtype=torch.float32, device=x2.device)
@@ -316,7 +318,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Compile specs: every configuration `_launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
-# filling a 4096-element tile), per input dtype with an fp32 bias (the model's parameters are fp32).
+# filling a 2048-element tile), per input dtype with an fp32 bias (the model's parameters are fp32).
 # ----------------------------------------------------------------------------------------------
 _CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
 

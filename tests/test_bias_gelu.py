@@ -42,7 +42,7 @@ def _check(x, bias, dy=None, scale=1.0):
     [
         (1, 1),  # one element: a 16-wide block, 15 lanes masked
         (7, 777),  # odd width over 4 column blocks, a partial row tile
-        (300, 100),  # 10 row tiles in 4 groups of 3, 3, 3, 1: the partial-sum reduction
+        (300, 100),  # 19 row tiles of 16 in 4 groups of 5, 5, 5, 4: the partial-sum reduction
         (2, 5, 3072),  # 3-D, GPT-2 124M's MLP width
     ],
 )

@@ -51,9 +51,9 @@ def _params(N, dtype, seed=0):
     "shape",
     [
         (1, 100),  # one row, one group
-        (7, 777),  # odd width; 7 rows in groups of 4 and 3
+        (7, 777),  # odd width; 7 rows in 4 groups of 2, 2, 2, 1
         (2, 5, 1600),  # 3-D, GPT-2 1558M's width
-        (3, 8192),  # a wide row: 16 warps' worth of registers
+        (3, 8192),  # MAX_N: the widest row, 16 warps
     ],
 )
 def test_matches_reference(dtype, shape):
@@ -133,8 +133,8 @@ N8 = torch.ones(8)
         (torch.randn(4, 8), torch.ones(9), N8, {}, ValueError, r"weight has shape \(9,\), expected \(8,\)"),
         (torch.randn(4, 8), N8, torch.ones(1, 8), {}, ValueError, r"bias has shape \(1, 8\), expected \(8,\)"),
         (torch.randn(()), torch.ones(1), torch.ones(1), {}, ValueError, "at least one dimension"),
-        (torch.randn(2, 0), torch.ones(0), torch.ones(0), {}, ValueError, "1 to 16384 elements"),
-        (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1), {}, ValueError, "1 to 16384"),
+        (torch.randn(2, 0), torch.ones(0), torch.ones(0), {}, ValueError, "1 to 8192 elements"),
+        (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1), {}, ValueError, "1 to 8192"),
         (torch.ones(4, 8, dtype=torch.int64), N8, N8, {}, TypeError, "x has dtype torch.int64"),
         (torch.randn(4, 8), N8.double(), N8, {}, TypeError, "weight has dtype torch.float64"),
         (torch.randn(4, 8, dtype=torch.bfloat16), N8.half(), N8, {}, TypeError, "weight must be float32 or x's"),
