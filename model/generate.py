@@ -113,6 +113,7 @@ def stream_generate(
     generator: torch.Generator | None = None,
     pad_id: int | None = None,
     prefill_chunk_size: int | None = None,
+    cuda_graph: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
@@ -123,7 +124,6 @@ def stream_generate(
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     tokens, lens = _as_batch(idx, device)  # (B, T), (B,)
-    B = tokens.shape[0]
     ctx = model.cfg.context_length
     longest = int(lens.max())
     if longest + max_new_tokens > ctx:
@@ -136,13 +136,50 @@ def stream_generate(
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
+    if cuda_graph and (device.type != "cuda" or not use_cache or model.fused):
+        raise ValueError(
+            "cuda_graph needs a CUDA device, the KV cache and the PyTorch path (the fused decode kernel "
+            f"checks its lengths on the host, which a graph cannot); got device={device.type}, "
+            f"use_cache={use_cache}, fused={model.fused}"
+        )
     return _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad,
-                  use_cache, generator, prefill_chunk_size)
+                  use_cache, generator, prefill_chunk_size, cuda_graph)
+
+
+class _GraphedDecodeStep:
+    """One decode step, `model(tok, cache, input_pos=lens)`, captured once as a CUDA graph and replayed.
+
+    A decode step of a small model is dozens of tiny kernels whose launch overhead exceeds their
+    run time; a graph replays them all with one launch. Everything a graph touches must keep its
+    address, so the step reads its inputs from (and writes its logits to) static tensors, and the
+    cache buffers are preallocated already. Nothing in the step may read a value on the host
+    (`KVCaches.check` skips itself during the capture; the lengths were checked up front).
+    """
+
+    def __init__(self, model, cache, tok, lens):
+        self.tok, self.pos = tok[:, None].clone(), lens.clone()  # (B, 1), (B,): static inputs
+        # Warm up outside the capture (lazy initialisation, library handles) on a side stream, as
+        # torch.cuda.graphs asks. It writes the keys of `tok` at `lens`: the slots the first real
+        # step overwrites with the very same values, so the cache stays right.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(self.tok, cache=cache, input_pos=self.pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records, does not run
+            self.logits = model(self.tok, cache=cache, input_pos=self.pos)[:, -1]  # (B, V): static output
+
+    def __call__(self, tok, lens):
+        self.tok.copy_(tok[:, None])
+        self.pos.copy_(lens)
+        self.graph.replay()
+        return self.logits  # (B, V), overwritten by the next replay
 
 
 @torch.no_grad()
 def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad, use_cache,
-           generator, prefill_chunk_size):
+           generator, prefill_chunk_size, cuda_graph):
     if max_new_tokens == 0:
         return
     B, longest = tokens.shape
@@ -174,7 +211,11 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
                     return
             if step == max_new_tokens - 1:
                 return  # the last token needs no forward
-            if use_cache:
+            if cuda_graph:
+                if step == 0:
+                    decode_step = _GraphedDecodeStep(model, cache, nxt, lens)
+                last = decode_step(nxt, lens)  # (B, V)
+            elif use_cache:
                 # Decode: the one new token per sequence, at its own position lens[b].
                 last = model(nxt[:, None], cache=cache, input_pos=lens)[:, -1]  # (B, V)
             else:
@@ -197,6 +238,7 @@ def generate(
     generator: torch.Generator | None = None,
     pad_id: int | None = None,
     prefill_chunk_size: int | None = None,
+    cuda_graph: bool = False,
 ):
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -206,7 +248,9 @@ def generate(
     (or a `generator`) makes sampling reproducible. A sequence stops at `eos_id` (kept in the
     output); in a tensor result the rest of its row is `pad_id` (default: `eos_id`).
     Raises ValueError if a prompt plus `max_new_tokens` would not fit the context length (nothing
-    is cropped silently).
+    is cropped silently). `use_cache=False` re-runs the whole prefix every step (the reference);
+    `prefill_chunk_size` runs the prompt through the cache in chunks; `cuda_graph` replays each
+    decode step as one CUDA graph (CUDA, KV cache and PyTorch path only).
 
     Returns the same kind as `idx`: a (B, T + n) tensor (prompt then new tokens, n <= max_new_tokens),
     or a list of token-id lists (each prompt then its own new tokens, stopping at eos).
@@ -215,7 +259,7 @@ def generate(
         stream_generate(
             model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_id=eos_id, use_cache=use_cache, seed=seed, generator=generator, pad_id=pad_id,
-            prefill_chunk_size=prefill_chunk_size,
+            prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph,
         )
     )
     if isinstance(idx, torch.Tensor):

@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--ignore-eos", action="store_true", help=f"keep going past {EOT}")
     p.add_argument("--fused", action="store_true", help="run on the Triton kernels")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix every step (no KV cache)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each decode step as one CUDA graph (CUDA, KV cache, PyTorch path only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     return p.parse_args(argv)
@@ -102,8 +104,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval().use_fused_kernels(args.fused)
-    prompts = read_prompts(args)
-    ids = [encode(p) for p in prompts]
+    try:
+        prompts = read_prompts(args)
+        ids = [encode(p) for p in prompts]
+    except (OSError, RuntimeError) as e:  # an unreadable --prompt-file, or no tiktoken vocabulary offline
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     vocab = model.cfg.vocab_size
     if max(max(s, default=0) for s in ids) >= vocab:
         print(f"error: the prompt has GPT-2 token ids the model's vocabulary of {vocab} cannot embed", file=sys.stderr)
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
     try:
         steps = stream_generate(
             model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_id=eos_id, use_cache=not args.no_cache, seed=args.seed,
+            eos_id=eos_id, use_cache=not args.no_cache, seed=args.seed, cuda_graph=args.cuda_graph,
         )
     except ValueError as e:  # bad settings, or prompt + max_new_tokens past the context length
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Generation: the KV cache against full forwards, sampling, eos, batching, limits, and the CLI."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -199,6 +200,9 @@ def test_bad_generation_arguments():
     with pytest.raises(TypeError, match="integer token ids"):
         generate(m, x.float(), 2)
     assert torch.equal(generate(m, x, 0), x)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+            generate(m, x, 2, cuda_graph=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,15 +260,14 @@ def test_eos_stops_each_sequence():
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
-def _run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r
+def _cli_main():
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, capsys):
     from model.tokenizer import decode, encode
 
     cfg = GPTConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=1)  # the full GPT-2 vocabulary
@@ -274,15 +277,24 @@ def test_cli_end_to_end(tmp_path):
     prompts = ["Every effort moves you", "Hello"]
     want = [decode(s) for s in generate(m, [encode(p) for p in prompts], 6, eos_id=50256)]
 
-    r = _run_cli("--checkpoint", str(ckpt), "--prompt", prompts[0], "--max-new-tokens", "6")
+    # A real process, as a user runs it: one prompt, streamed.
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint", str(ckpt),
+                        "--prompt", prompts[0], "--max-new-tokens", "6"],
+                       cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == want[0].strip()  # streamed piece by piece, the same text
-    assert "tokens/s" in r.stderr
+    assert "6 new tokens" in r.stderr and "tokens/s" in r.stderr
 
-    hf = tmp_path / "hf"
-    m.save_pretrained(hf)
+    # In-process from here on (a process costs seconds): a batch from a prompt file, HF-layout folder.
+    main = _cli_main()
+    m.save_pretrained(tmp_path / "hf")
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    r = _run_cli("--checkpoint", str(hf), "--prompt-file", str(tmp_path / "prompts.txt"),
-                 "--max-new-tokens", "6", "--no-cache")
-    for w in want:
-        assert w in r.stdout
-    assert "tokens/s" in r.stderr
+    assert main(["--checkpoint", str(tmp_path / "hf"), "--prompt-file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "6", "--no-cache"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "".join(w + "\n\n" for w in want) and "tokens/s, batch 2" in err
+    assert main(["--checkpoint", str(ckpt), "--max-new-tokens", "40"]) == 2  # 4 + 40 > 32
+    assert "exceeds the model's context length 32" in capsys.readouterr().err
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    assert main(["--checkpoint", str(tmp_path / "broken.pt")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
