@@ -44,7 +44,7 @@ def test_use_fused_kernels_switches_back_and_forth():
 
 
 def test_fused_refuses_attention_dropout_in_training():
-    model = GPTModel(GPTConfig(vocab_size=11, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1),
+    model = GPTModel(GPTConfig(vocab_size=11, context_length=8, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.1),
                      fused=True)
     with pytest.raises(ValueError, match="dropout"):
         model.train()(torch.zeros(1, 4, dtype=torch.long))
@@ -53,16 +53,16 @@ def test_fused_refuses_attention_dropout_in_training():
 
 @pytest.mark.slow
 def test_training_curves_match():
-    """Dozens of AdamW steps on the same data: the fused run's loss curve tracks the PyTorch run's."""
+    """Twenty AdamW steps on the same data: the fused run's loss curve tracks the PyTorch run's."""
     ref, fused = _pair(seed=1)
     g = torch.Generator().manual_seed(2)
-    data = torch.randint(0, CFG.vocab_size, (40, 2, 17), generator=g)
-    data[:, :, 1::2] = data[:, :, 0::2][..., :8]  # some learnable structure: every odd token repeats the previous one
+    data = torch.randint(0, CFG.vocab_size, (2, 2, 17), generator=g)  # two batches, seen 10 times each
     curves = []
     for model in (ref, fused):
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         losses = []
-        for batch in data:
+        for step in range(20):
+            batch = data[step % 2]
             x, y = batch[:, :-1], batch[:, 1:]
             loss = model.loss(model(x), y)
             opt.zero_grad()
