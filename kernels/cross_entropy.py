@@ -176,27 +176,19 @@ def _cross_entropy_fwd(
     return loss, grad
 
 
-def _check_inputs(logits, target, ignore_index, reduction):
-    """Validate, and return (target as int64, number of non-ignored rows). One host sync: the range
-    check and the count come back together."""
+def _check_args(ignore_index, reduction, op):
     if reduction not in REDUCTIONS:
-        raise ValueError(f"{_OP}: unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
+        raise ValueError(f"{op}: unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError(f"{_OP}: logits and target must be tensors")
-    check_ndim(logits, "logits", _OP, 2, "(N, V)")
-    check_dtype(logits, "logits", _OP)
-    check_dtype(target, "target", _OP, dtypes=(torch.int64, torch.int32))
-    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"{_OP}: target must be 1-D (N,) with N = logits.shape[0] = {logits.shape[0]}, "
-            f"got shape {tuple(target.shape)}"
-        )
-    if logits.shape[1] == 0:
-        raise ValueError(f"{_OP}: logits has an empty class dimension, shape {tuple(logits.shape)}")
-    check_device(logits, target, op=_OP)
-    V = logits.shape[1]
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_target(target, N, V, ignore_index, op):
+    """Validate the (N,) targets against V classes; return (target as contiguous int64, number of
+    rows that are not ignored). One host sync: the range check and the count come back together."""
+    check_dtype(target, "target", op, dtypes=(torch.int64, torch.int32))
+    if target.dim() != 1 or target.shape[0] != N:
+        raise ValueError(f"{op}: target must be 1-D (N,) with N = {N} rows, got shape {tuple(target.shape)}")
     target = target.to(torch.int64).contiguous()  # the kernel reads TARGET + row
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= V))
@@ -204,26 +196,39 @@ def _check_inputs(logits, target, ignore_index, reduction):
     if n_bad:
         first = target[bad][0].item()
         raise ValueError(
-            f"{_OP}: {n_bad} target(s) outside [0, {V}) that are not ignore_index={ignore_index}, "
-            f"e.g. {first}"
+            f"{op}: {n_bad} target(s) outside [0, {V}) that are not ignore_index={ignore_index}, e.g. {first}"
         )
     return target, n_valid
 
 
-# ----------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------
+def _check_inputs(logits, target, ignore_index, reduction):
+    _check_args(ignore_index, reduction, _OP)
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(f"{_OP}: logits and target must be tensors")
+    check_ndim(logits, "logits", _OP, 2, "(N, V)")
+    check_dtype(logits, "logits", _OP)
+    if logits.shape[1] == 0:
+        raise ValueError(f"{_OP}: logits has an empty class dimension, shape {tuple(logits.shape)}")
+    check_device(logits, target, op=_OP)
+    return _check_target(target, logits.shape[0], logits.shape[1], ignore_index, _OP)
+
+
 def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
     """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
     target, n_valid = _check_inputs(logits, target, ignore_index, reduction)
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
+    return _reduce(loss_rows, n_valid, reduction, logits.dtype), grad
+
+
+def _reduce(loss_rows, n_valid, reduction, dtype):
+    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, in `dtype`."""
     if reduction == "none":
-        return loss_rows.to(logits.dtype), grad
-    total = loss_rows.sum()  # fp32, ignored rows are 0
+        return loss_rows.to(dtype)
+    total = loss_rows.sum()  # fp32
     if reduction == "mean":
         total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
-    return total.to(logits.dtype), grad
+    return total.to(dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -258,6 +263,123 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
     # (Inside Function.forward grad mode is always off and ctx.needs_input_grad ignores no_grad,
     # so this decision is made out here.)
     return _loss_and_grad(logits, target, ignore_index, reduction, compute_grad=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Going further: the LM head and the loss together, never holding the (N, V) logits
+# ----------------------------------------------------------------------------------------------
+# The kernel above still needs the logits: at N = 8192, V = 50,257 that is 823 MB of bf16 (1.6 GB if
+# the head runs in fp32), plus as much again for their gradient, for the one op of a GPT-2 that has
+# the vocabulary in it. But each row's loss and gradient need only that row's logits, so the
+# LM-head matmul and the loss can walk the rows in chunks: logits_c = x_c W^T, the kernel writes
+# d loss / d logits_c, which is turned at once into this chunk's share of the input gradients,
+#     d x_c = g_c W        and        d W += g_c^T x_c,
+# and dropped. Only one chunk of logits (and its gradient) is ever alive. The default chunk makes
+# a chunk's logits about as large as x itself: for C = 768, 125 rows of 50,257 (12.6 MB in bf16).
+# The matmuls are torch's (cuBLAS): nothing to gain writing them here.
+#
+# "mean" and "sum" compute the input gradients during forward, like the kernel (backward scales
+# them by grad_output). "none" cannot: its per-row grad_output reaches d W only through the sum
+# over rows, so for "none" forward computes the losses only and backward runs the chunks again.
+_LCE_OP = "linear_cross_entropy"
+
+
+def _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x=None, grad_w=None, row_weight=None):
+    """Per-row fp32 losses (N,), chunk by chunk. With grad buffers given, also fill grad_x (N, C) and
+    accumulate into grad_w (V, C, fp32) the gradient of sum_i row_weight[i] * scale * loss_i."""
+    N = x.shape[0]
+    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
+    want_grad = grad_x is not None or grad_w is not None
+    for start in range(0, N, chunk_size):
+        rows = slice(start, min(start + chunk_size, N))
+        x_c = x[rows]
+        logits = x_c @ weight.t()  # (n, V) in x's dtype, as F.linear would give
+        loss_rows[rows], g = _cross_entropy_fwd(logits, target[rows], ignore_index, scale, want_grad)
+        if not want_grad:
+            continue
+        if row_weight is not None:
+            g.mul_(row_weight[rows].unsqueeze(1))  # g is this call's own buffer: in place is safe
+        if grad_x is not None:
+            grad_x[rows] = g @ weight
+        if grad_w is not None:
+            # The matmul runs in the input dtype (fp32 accumulation inside); the sum over chunks in fp32.
+            grad_w += g.t() @ x_c
+    return loss_rows
+
+
+def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size):
+    """Validate; return (target as int64, number of non-ignored rows, chunk size)."""
+    _check_args(ignore_index, reduction, _LCE_OP)
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight, target)):
+        raise TypeError(f"{_LCE_OP}: x, weight and target must be tensors")
+    check_ndim(x, "x", _LCE_OP, 2, "(N, C)")
+    check_ndim(weight, "weight", _LCE_OP, 2, "(V, C)")
+    check_dtype(x, "x", _LCE_OP)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{_LCE_OP}: weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    (N, C), (V, C_w) = x.shape, weight.shape
+    if C_w != C or V == 0:
+        raise ValueError(f"{_LCE_OP}: weight must be (V, C) with V > 0 and C = x.shape[1] = {C}, got {tuple(weight.shape)}")
+    check_device(x, weight, target, op=_LCE_OP)
+    if chunk_size is None:
+        chunk_size = max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{_LCE_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    target, n_valid = _check_target(target, N, V, ignore_index, _LCE_OP)
+    return target, n_valid, chunk_size
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, target, ignore_index=-100, reduction="mean", chunk_size=None):
+        target, n_valid, chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
+        ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
+        if reduction == "none":
+            ctx.save_for_backward(x, weight, target)
+            loss_rows = _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size)
+            return loss_rows.to(x.dtype)
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        grad_x, grad_w = _new_grad_buffers(ctx, x, weight)
+        loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
+        ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
+        return _reduce(loss_rows, n_valid, reduction, x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            x, weight, target = ctx.saved_tensors
+            grad_x, grad_w = _new_grad_buffers(ctx, x, weight)
+            _lce_chunks(x, weight, target, ctx.ignore_index, 1.0, ctx.chunk_size, grad_x, grad_w, row_weight=grad_output)
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        else:
+            grad_x, grad_w = ctx.saved_tensors
+            if grad_output.item() != 1.0:  # out of place, as in CrossEntropyFunction.backward
+                grad_x = None if grad_x is None else grad_x * grad_output
+                grad_w = None if grad_w is None else grad_w * grad_output
+        return grad_x, grad_w, None, None, None, None
+
+
+def _new_grad_buffers(ctx, x, weight):
+    """(N, C) for x, an fp32 (V, C) accumulator for weight; None where autograd wants no gradient."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w
+
+
+def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction: str = "mean", chunk_size=None):
+    """cross_entropy(x @ weight.T, target, ...) without ever materializing the (N, V) logits.
+
+    x: (N, C) final hidden states, weight: (V, C) the LM head (nn.Linear's layout, no bias), target:
+    (N,). Rows are processed chunk_size at a time (default: chunks whose logits are about the size
+    of x). Same reductions, ignore_index rule and output dtype as `cross_entropy`."""
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad
+    ):
+        return LinearCrossEntropyFunction.apply(x, weight, target, ignore_index, reduction, chunk_size)
+    target, n_valid, chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
+    loss_rows = _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size)
+    return _reduce(loss_rows, n_valid, reduction, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_bad_inputs_raise_clear_errors():
         ((logits[0], target[:1]), {}, ValueError, "2-D"),
         ((logits.view(2, 2, 10), target), {}, ValueError, "2-D"),
         ((logits, target.view(2, 2)), {}, ValueError, "1-D"),
-        ((logits, target[:3]), {}, ValueError, "N = logits.shape"),
+        ((logits, target[:3]), {}, ValueError, "N = 4 rows"),
         ((logits[:, :0], target), {}, ValueError, "empty class"),
         ((logits, target.float()), {}, TypeError, "target has dtype"),
         ((logits.long(), target), {}, TypeError, "logits has dtype"),
@@ -233,3 +233,88 @@ def test_compile_specs_cover_every_launch_config():
             for configs in listed.values():
                 for has_grad in (True, False):
                     assert (cfg["BLOCK_V"], cfg["num_warps"], cfg["num_stages"], has_grad) in configs, (V, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_cross_entropy: LM head + loss in chunks of rows, against the unfused F.linear + F.cross_entropy
+# ----------------------------------------------------------------------------------------------
+def make_head_inputs(N, C, V, dtype, n_ignored, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g).to(dtype)
+    weight = (torch.randn(V, C, generator=g) * C**-0.5 * 3).to(dtype)
+    target = torch.randint(0, V, (N,), generator=g)
+    target[torch.randperm(N, generator=g)[:n_ignored]] = -100
+    return x, weight, target
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_cross_entropy_matches_unfused(reduction, dtype):
+    # 37 rows in chunks of 8: four full chunks and a ragged one of 5.
+    N, C, V = 37, 24, 300
+    x, weight, target = make_head_inputs(N, C, V, dtype, n_ignored=6, seed=8)
+    go = grad_output_for(reduction, N, dtype)
+
+    xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = ce.linear_cross_entropy(xf, wf, target, reduction=reduction, chunk_size=8)
+    grads = torch.autograd.grad(loss, (xf, wf), go)
+
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    exact = reference.cross_entropy(xd @ wd.t(), target, reduction=reduction)
+    exact_grads = torch.autograd.grad(exact, (xd, wd), go.double())
+
+    xt, wt = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    unfused = F.cross_entropy(F.linear(xt, wt), target, reduction=reduction)
+    unfused_grads = torch.autograd.grad(unfused, (xt, wt), go)
+
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close_to_reference("loss", loss, exact, unfused)
+    for name, g, e, u in zip(("grad_x", "grad_w"), grads, exact_grads, unfused_grads):
+        assert_close_to_reference(name, g, e, u)
+    assert torch.equal(xf.detach(), x) and torch.equal(wf.detach(), weight)
+
+
+def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad():
+    N, C, V = 29, 16, 257  # default chunk: ceil(29 / ceil(257 / 16)) = 2 rows, 15 chunks
+    x, weight, target = make_head_inputs(N, C, V, torch.float32, n_ignored=3, seed=9)
+    exact = reference.cross_entropy(x.double() @ weight.double().t(), target)
+    unfused = F.cross_entropy(F.linear(x, weight), target)
+
+    # Frozen head: only x wants a gradient, and only x gets one.
+    xf = x.clone().requires_grad_()
+    loss = ce.linear_cross_entropy(xf, weight, target)
+    loss.backward()
+    assert weight.grad is None
+    xd = x.double().requires_grad_()
+    reference.cross_entropy(xd @ weight.double().t(), target).backward()
+    xt = x.clone().requires_grad_()
+    F.cross_entropy(F.linear(xt, weight), target).backward()
+    assert_close_to_reference("grad_x", xf.grad, xd.grad, xt.grad)
+
+    # Without autograd: the loss alone, the same as with it.
+    with torch.no_grad():
+        no_grad = ce.linear_cross_entropy(x.clone().requires_grad_(), weight, target)
+    assert torch.equal(no_grad, loss.detach())
+    assert_close_to_reference("loss", no_grad, exact, unfused)
+
+
+def test_linear_cross_entropy_all_rows_ignored_and_bad_inputs():
+    x, weight, target = make_head_inputs(6, 8, 50, torch.bfloat16, n_ignored=6)
+    xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = ce.linear_cross_entropy(xf, wf, target, chunk_size=4)
+    loss.backward()
+    assert loss.item() == 0.0 and not xf.grad.any() and not wf.grad.any()
+
+    target = torch.randint(0, 50, (6,))
+    cases = [
+        ((x, weight[:, :7], target), {}, ValueError, r"weight must be \(V, C\)"),
+        ((x[0], weight, target), {}, ValueError, "x must be 2-D"),
+        ((x, weight.float(), target), {}, TypeError, "must match"),
+        ((x, weight, target[:5]), {}, ValueError, "N = 6 rows"),
+        ((x, weight, target + 50), {}, ValueError, r"outside \[0, 50\)"),
+        ((x, weight, target), {"chunk_size": 0}, ValueError, "chunk_size"),
+        ((x, weight, target), {"reduction": "max"}, ValueError, "unknown reduction"),
+    ]
+    for args, kwargs, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            ce.linear_cross_entropy(*args, **kwargs)
