@@ -7,26 +7,17 @@ Reading order (each file is a lesson: math and memory traffic, kernel, launcher,
   4. flash_attention.py  tiling + online softmax + causal block skipping, and the recomputing backward
   5. decode_attention.py flash-decoding: one query token against a long KV cache, split across programs
 
-Importing a kernel imports Triton; on a machine without CUDA, `kernels._common` switches on Triton's
-interpreter first. `kernels.reference` is plain PyTorch and imports no Triton.
+Importing `kernels` imports Triton; on a machine without CUDA, `kernels._common` switches on Triton's
+interpreter first. `kernels/reference.py` is the same math in plain PyTorch.
 """
 
-import importlib
+from kernels.bias_gelu import bias_gelu
+from kernels.cross_entropy import cross_entropy
+from kernels.decode_attention import decode_attention
+from kernels.flash_attention import flash_attention
+from kernels.layer_norm import layer_norm
 
-_EXPORTS = {
-    "flash_attention": "flash_attention",
-    "layer_norm": "layer_norm",
-    "bias_gelu": "bias_gelu",
-    "cross_entropy": "cross_entropy",
-    "decode_attention": "decode_attention",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    # Lazy, so that `import kernels.reference` (or the PyTorch path of the model) needs no Triton.
-    if name in _EXPORTS:
-        module = importlib.import_module(f"kernels.{_EXPORTS[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+# Each public function has the name of its file, so these imports replace the package attributes
+# that point at the submodules: `kernels.layer_norm` is the function. Reach a module's other pieces
+# with `from kernels.layer_norm import LayerNormFunction`.
+__all__ = ["flash_attention", "layer_norm", "bias_gelu", "cross_entropy", "decode_attention"]

@@ -51,43 +51,39 @@ class TorchOps:
         return F.cross_entropy(logits, target, ignore_index=ignore_index)
 
 
+def _kernels():
+    import kernels  # here, not at the top: the PyTorch path needs no Triton
+
+    return kernels
+
+
 class FusedOps:
     """The Triton kernels of `kernels/`. Imported lazily: the PyTorch path needs no Triton."""
 
     name = "fused"
 
     def __init__(self):
-        import kernels  # noqa: F401  (fails early, with Triton's own message, if Triton is missing)
+        _kernels()  # fail at the switch, not at the first forward, if Triton cannot be imported
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
-        from kernels.flash_attention import flash_attention
-
         if dropout_p > 0.0:
             raise ValueError(
                 "the fused attention kernel does not implement attention dropout; "
                 "use drop_rate=0 with --fused, or the PyTorch path"
             )
-        return flash_attention(q, k, v, causal=causal)
+        return _kernels().flash_attention(q, k, v, causal=causal)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
-        from kernels.decode_attention import decode_attention
-
-        return decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=sm_scale)
+        return _kernels().decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=sm_scale)
 
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
-        from kernels.layer_norm import layer_norm
-
-        return layer_norm(x, weight, bias, eps)
+        return _kernels().layer_norm(x, weight, bias, eps)
 
     def bias_gelu(self, x, bias):
-        from kernels.bias_gelu import bias_gelu
-
-        return bias_gelu(x, bias)
+        return _kernels().bias_gelu(x, bias)
 
     def cross_entropy(self, logits, target, ignore_index: int = -100):
-        from kernels.cross_entropy import cross_entropy
-
-        return cross_entropy(logits, target, ignore_index=ignore_index)
+        return _kernels().cross_entropy(logits, target, ignore_index=ignore_index)
 
 
 def get_ops(fused: bool):
