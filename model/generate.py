@@ -124,6 +124,9 @@ def stream_generate(
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     tokens, lens = _as_batch(idx, device)  # (B, T), (B,)
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= model.cfg.vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary [0, {model.cfg.vocab_size})")
     ctx = model.cfg.context_length
     longest = int(lens.max())
     if longest + max_new_tokens > ctx:

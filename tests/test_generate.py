@@ -197,6 +197,8 @@ def test_bad_generation_arguments():
         generate(m, x, -1)
     with pytest.raises(ValueError, match="at least one token"):
         generate(m, [[1], []], 2)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(m, [[3, 97]], 2)
     with pytest.raises(TypeError, match="integer token ids"):
         generate(m, x.float(), 2)
     assert torch.equal(generate(m, x, 0), x)
