@@ -8,8 +8,8 @@ x (rows of width N = 4C) and the bias b (N,) and applies, elementwise with z = x
     GELU(z) = 0.5 z (1 + tanh(u)),     u = k0 (z + k1 z^3),   k0 = sqrt(2/pi),  k1 = 0.044715
 
 (the "tanh approximation", `F.gelu(z, approximate="tanh")`). Triton's interpreter has no tanh, and a
-naive tanh(u) = (e^u - e^-u) / (e^u + e^-u) overflows to inf/inf = NaN once |u| > 44 (z ~ 10 already
-gives u ~ 44 through the cube). The identity that saves us is
+naive tanh(u) = (e^u - e^-u) / (e^u + e^-u) overflows to inf/inf = NaN once |u| > 88.7 in fp32, and
+the cube gets u there by |z| = 13. The identity that saves us is
 
     0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + e^(-2u))      so      GELU(z) = z * sigmoid(2u).
 
