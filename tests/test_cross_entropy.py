@@ -4,17 +4,20 @@ PyTorch's error is F.cross_entropy computed in the logits' own dtype; the kernel
 far from the float64 answer (plus a small atol), for the loss and for the gradient.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.cross_entropy as ce
 from kernels import reference
-from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy
+from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
 from kernels.testing import assert_close_to_reference, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
+# The module itself (for its launcher and constants): `kernels.cross_entropy` may name the function.
+ce = importlib.import_module("kernels.cross_entropy")
 
 
 @pytest.fixture
@@ -250,13 +253,13 @@ def make_head_inputs(N, C, V, dtype, n_ignored, seed=0):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_cross_entropy_matches_unfused(reduction, dtype):
-    # 37 rows in chunks of 8: four full chunks and a ragged one of 5.
-    N, C, V = 37, 24, 300
-    x, weight, target = make_head_inputs(N, C, V, dtype, n_ignored=6, seed=8)
+    # 21 rows in chunks of 8: two full chunks and a ragged one of 5.
+    N, C, V = 21, 24, 300
+    x, weight, target = make_head_inputs(N, C, V, dtype, n_ignored=4, seed=8)
     go = grad_output_for(reduction, N, dtype)
 
     xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = ce.linear_cross_entropy(xf, wf, target, reduction=reduction, chunk_size=8)
+    loss = linear_cross_entropy(xf, wf, target, reduction=reduction, chunk_size=8)
     grads = torch.autograd.grad(loss, (xf, wf), go)
 
     xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
@@ -275,14 +278,14 @@ def test_linear_cross_entropy_matches_unfused(reduction, dtype):
 
 
 def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad():
-    N, C, V = 29, 16, 257  # default chunk: ceil(29 / ceil(257 / 16)) = 2 rows, 15 chunks
+    N, C, V = 13, 32, 257  # default chunk: ceil(13 / ceil(257 / 32)) = 2 rows, 7 chunks
     x, weight, target = make_head_inputs(N, C, V, torch.float32, n_ignored=3, seed=9)
     exact = reference.cross_entropy(x.double() @ weight.double().t(), target)
     unfused = F.cross_entropy(F.linear(x, weight), target)
 
     # Frozen head: only x wants a gradient, and only x gets one.
     xf = x.clone().requires_grad_()
-    loss = ce.linear_cross_entropy(xf, weight, target)
+    loss = linear_cross_entropy(xf, weight, target)
     loss.backward()
     assert weight.grad is None
     xd = x.double().requires_grad_()
@@ -293,7 +296,7 @@ def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad():
 
     # Without autograd: the loss alone, the same as with it.
     with torch.no_grad():
-        no_grad = ce.linear_cross_entropy(x.clone().requires_grad_(), weight, target)
+        no_grad = linear_cross_entropy(x.clone().requires_grad_(), weight, target)
     assert torch.equal(no_grad, loss.detach())
     assert_close_to_reference("loss", no_grad, exact, unfused)
 
@@ -301,7 +304,7 @@ def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad():
 def test_linear_cross_entropy_all_rows_ignored_and_bad_inputs():
     x, weight, target = make_head_inputs(6, 8, 50, torch.bfloat16, n_ignored=6)
     xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss = ce.linear_cross_entropy(xf, wf, target, chunk_size=4)
+    loss = linear_cross_entropy(xf, wf, target, chunk_size=4)
     loss.backward()
     assert loss.item() == 0.0 and not xf.grad.any() and not wf.grad.any()
 
@@ -317,4 +320,4 @@ def test_linear_cross_entropy_all_rows_ignored_and_bad_inputs():
     ]
     for args, kwargs, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            ce.linear_cross_entropy(*args, **kwargs)
+            linear_cross_entropy(*args, **kwargs)
