@@ -103,15 +103,16 @@ def _cross_entropy_fwd_kernel(
                 tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty), mask=cols < V)
     else:
         # Pass 1: online softmax. Masked lanes load -inf, so they add exp(-inf) = 0 to the sum and
-        # never win the max; every chunk has at least one real lane, so m is finite after chunk one
-        # and exp(m - m_new) never sees -inf - (-inf).
+        # never win the max. While the max is still -inf (the row so far is all -inf: a masked-out
+        # stretch of vocabulary) we subtract 0 instead of it, or exp(-inf - -inf) would be NaN.
         m = tl.full([], float("-inf"), dtype=tl.float32)
         d = tl.full([], 0.0, dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
             m = m_new
         log_d = tl.log(d)
 
@@ -137,6 +138,7 @@ def _cross_entropy_fwd_kernel(
 # One program owns a row and loops over it, so BLOCK_V only trades registers for loop trips: 4096
 # fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk that covers the row.
 MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(MAX_BLOCK_V)) + 1)]
 NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
 
 
@@ -156,7 +158,7 @@ def _cross_entropy_fwd(
     """Per-row fp32 loss (N,) and, if compute_grad, the gradient (N, V) in the logits' dtype, scaled by
     `scale`. Inputs must already be checked (see `_check_inputs`). `max_block_v` (a power of 2 in
     [MIN_BLOCK_V, MAX_BLOCK_V]) lets tests force many chunks on a small vocabulary."""
-    if max_block_v not in [2**k for k in range(7, 13)]:
+    if max_block_v not in _BLOCK_V_CHOICES:
         raise ValueError(f"{_OP}: max_block_v must be a power of 2 in [{MIN_BLOCK_V}, {MAX_BLOCK_V}]")
     N, V = logits.shape
     if logits.stride(1) != 1:
@@ -385,8 +387,6 @@ def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction:
 # ----------------------------------------------------------------------------------------------
 # Compile specs: every configuration `_launch_config` can return, with and without the gradient pass.
 # ----------------------------------------------------------------------------------------------
-_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(MAX_BLOCK_V)) + 1)]
-
 COMPILE_SPECS = [
     CompileSpec(
         name=f"cross_entropy.fwd.{ty}",

@@ -91,12 +91,14 @@ def test_matches_reference(poisoned_empty, V, N, max_block_v, reduction, dtype):
 
 def test_running_max_rescaling():
     # A rising ramp makes every chunk raise the running max, so the rescale d * exp(m - m') is taken
-    # at every step; a flat-then-spike row puts the whole mass in the last, ragged chunk.
+    # at every step; a flat-then-spike row puts the whole mass in the last, ragged chunk; a row that
+    # starts with -inf logits has no finite max for two chunks.
     N, V = 4, 1000
     ramp = torch.linspace(-20, 20, V)
     logits = ramp + 0.1 * torch.randn(N, V, generator=torch.Generator().manual_seed(0))
     logits[2] = 0.0
     logits[2, -1] = 30.0
+    logits[3, :300] = float("-inf")  # a masked-out stretch: the first two chunks are all -inf
     target = torch.tensor([V - 1, 0, V - 1, 517])
     for reduction in REDUCTIONS:
         check_against_reference(logits.clone(), target, reduction, max_block_v=128)
