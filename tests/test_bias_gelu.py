@@ -1,12 +1,14 @@
 """bias_gelu against the float64 book formula, by FlashAttention's rule: forward, dX and dBias, every
 dtype, awkward widths and row counts, non-contiguous inputs, large magnitudes, and bad input."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.bias_gelu import _as_rows, _bias_gelu_bwd, _bias_gelu_fwd, bias_gelu
+from kernels.bias_gelu import COMPILE_SPECS, _as_rows, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
 from kernels.testing import assert_close_to_reference, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -140,3 +142,16 @@ def test_no_rows():
 def test_bad_input(x, bias, error, match):
     with pytest.raises(error, match=match):
         bias_gelu(x, bias)
+
+
+def test_compile_specs_cover_every_launch():
+    """Every width picks a config that COMPILE_SPECS lists, for both kernels and every dtype, and each
+    signature names exactly the kernel's arguments."""
+    for spec in COMPILE_SPECS:
+        kernel = getattr(spec.kernel, "fn", spec.kernel)
+        assert list(spec.signature) == list(inspect.signature(kernel).parameters), spec.name
+    elementwise = [spec for spec in COMPILE_SPECS if spec.name.startswith("bias_gelu.")]
+    assert {spec.signature["X"] for spec in elementwise} == {"*fp32", "*fp16", "*bf16"}
+    for N in [1, 15, 16, 17, 100, 256, 257, 777, 3072, 50257]:
+        for spec in elementwise:
+            assert _launch_config(N) in spec.configs, (spec.name, N)

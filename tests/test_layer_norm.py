@@ -1,12 +1,14 @@
 """layer_norm against the float64 book formula, by FlashAttention's rule: forward, dX, dW and dB, every
 dtype, awkward widths and row counts, non-contiguous inputs, and bad input."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.layer_norm import MAX_N, _as_rows, _layer_norm_bwd, _layer_norm_fwd, layer_norm
+from kernels.layer_norm import COMPILE_SPECS, MAX_N, _as_rows, _launch_config, _layer_norm_bwd, _layer_norm_fwd, layer_norm
 from kernels.testing import assert_close_to_reference, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -146,3 +148,15 @@ N8 = torch.ones(8)
 def test_bad_input(x, w, b, kwargs, error, match):
     with pytest.raises(error, match=match):
         layer_norm(x, w, b, **kwargs)
+
+
+def test_compile_specs_cover_every_launch():
+    """Every width the launcher accepts picks a config that COMPILE_SPECS lists, for both kernels and
+    every dtype, and each signature names exactly the kernel's arguments."""
+    for spec in COMPILE_SPECS:
+        kernel = getattr(spec.kernel, "fn", spec.kernel)
+        assert list(spec.signature) == list(inspect.signature(kernel).parameters), spec.name
+    assert {spec.signature["X"] for spec in COMPILE_SPECS} == {"*fp32", "*fp16", "*bf16"}
+    for N in [1, 15, 16, 17, 100, 768, 777, 1024, 1025, 1600, 4097, MAX_N]:
+        for spec in COMPILE_SPECS:
+            assert _launch_config(N) in spec.configs, (spec.name, N)
