@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.layer_norm import COMPILE_SPECS, MAX_N, _as_rows, _launch_config, _layer_norm_bwd, _layer_norm_fwd, layer_norm
+from kernels.layer_norm import (
+    COMPILE_SPECS,
+    MAX_N,
+    _as_rows,
+    _launch_config,
+    _layer_norm_bwd,
+    _layer_norm_fwd,
+    layer_norm,
+)
 from kernels.testing import assert_close_to_reference, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
