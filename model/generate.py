@@ -84,17 +84,21 @@ def _as_batch(idx, device) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lens
 
 
-def _prefill(model, tokens, cache, chunk_size):
-    """Run the (right-padded) prompts through the model, filling the cache; logits (B, T, V).
-    In chunks of `chunk_size` tokens if given: the same result, with less activation memory."""
+def _prefill(model, tokens, lens, cache, chunk_size):
+    """Run the right-padded prompts (B, T) through the model, filling the cache, and return the
+    logits (B, V) at each sequence's own last real token, lens[b] - 1. In chunks of `chunk_size`
+    tokens if given: the same result, with the activations of one chunk alive at a time."""
     T = tokens.shape[1]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)  # (B,)
     if chunk_size is None or chunk_size >= T:
-        return model(tokens, cache=cache, input_pos=0)  # (B, T, V)
-    chunks = [
-        model(tokens[:, s : s + chunk_size], cache=cache, input_pos=s)  # (B, chunk, V)
-        for s in range(0, T, chunk_size)
-    ]
-    return torch.cat(chunks, dim=1)  # (B, T, V)
+        return model(tokens, cache=cache, input_pos=0)[rows, lens - 1]  # (B, V)
+    last = None
+    for s in range(0, T, chunk_size):
+        logits = model(tokens[:, s : s + chunk_size], cache=cache, input_pos=s)  # (B, c, V)
+        mine = (lens - 1 >= s) & (lens - 1 < s + logits.shape[1])  # (B,): last token in this chunk
+        picked = logits[rows, (lens - 1 - s).clamp(0, logits.shape[1] - 1)]  # (B, V)
+        last = picked if last is None else torch.where(mine[:, None], picked, last)  # (B, V)
+    return last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +201,7 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
         if use_cache:
             cache = KVCaches.for_model(model, B, max_len=longest + max_new_tokens)
-            logits = _prefill(model, tokens, cache, prefill_chunk_size)  # (B, T, V)
-            last = logits[rows, lens - 1]  # (B, V): each sequence's own last real token
+            last = _prefill(model, tokens, lens, cache, prefill_chunk_size)  # (B, V): own last real token
         for step in range(max_new_tokens):
             if not use_cache:
                 # The plain loop: the whole prefix again; causal attention keeps each row's pads
