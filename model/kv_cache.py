@@ -100,7 +100,7 @@ class KVCaches(nn.Module):
                 )
             if _capturing():
                 return
-            lo, hi = int(input_pos.min()), int(input_pos.max())
+            lo, hi = torch.stack([input_pos.min(), input_pos.max()]).tolist()  # one host sync per step
         else:
             lo = hi = input_pos
         if lo < 0:
