@@ -177,17 +177,19 @@ def _fwd_inner(
         if DOT_FP32:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        qk = tl.dot(q, kT, input_precision="ieee")  # (BLOCK_M, BLOCK_N) raw scores q.k
         if MASKED:
             keep = offs_n[None, :] < Tk
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(keep, s, float("-inf"))
+            qk = tl.where(keep, qk, float("-inf"))
         # Every row has seen key 0 by the end of its first tile, so m_new is finite and
         # exp2(-inf - m_new) = 0 handles both the initial m_i = -inf and the masked scores.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units (qk_scale > 0 keeps the argmax)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # One fma per score: qk * qk_scale is never rounded on its own, so the only rounding of a
+        # large score is in m_new, which is common to the whole row and cancels in acc / l.
+        p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
@@ -250,7 +252,7 @@ def _flash_attention_fwd_kernel(
     o = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)  # natural log
+    tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=row_ok)  # log2 units
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def _flash_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v,  # dk/dv: (BLOCK_N, BLOCK_D) fp32 accumulators; k/v: (BLOCK_N, BLOCK_D) this program's keys
+    dk, dv, kT, vT,  # dk/dv: (BLOCK_N, BLOCK_D) fp32 accumulators; kT/vT: (BLOCK_D, BLOCK_N) this program's keys
     Q, DO, LSE, DELTA,  # this (batch, head)'s Q/DO (Tq, D) slices and LSE/DELTA (Tq,) rows
     stride_qt, stride_qd, stride_dot, stride_dod,
     offs_n, offs_d, lo, hi, Tq, diag, qk_scale,
@@ -289,35 +291,39 @@ def _bwd_dkdv_inner(
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        # Work on transposed tiles, (keys, queries), so that dV = P^T dO and dK = dS^T q need no shuffle.
-        qT_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
+        q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
         do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
         if MASKED:
             row_ok = offs_m < Tq
-            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         else:
-            qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
             do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
-            lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+            lse2 = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
         if DOT_FP32:
-            qT = qT.to(tl.float32)
+            q = q.to(tl.float32)
             do = do.to(tl.float32)
-        # Recompute this tile of P^T from q, k and the saved log-sum-exp.
-        pT = tl.exp2(tl.dot(k, qT, input_precision="ieee") * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+        # Recompute this tile of P from q, k and the saved log-sum-exp, with the very dot and fma
+        # the forward used (q @ kT, not k @ qT): the same sums in the same order give bit-identical
+        # scores, so in fp32 the recomputed P is the forward's P. Computing k @ qT instead would save
+        # the two transposes below but lets the rounding differ (NumPy's BLAS, the interpreter's
+        # matmul, does differ), and with P nearly one-hot exp2 turns a 1e-5 score difference into a
+        # 1e-5 relative error in every gradient.
+        p = tl.exp2(tl.fma(tl.dot(q, kT, input_precision="ieee"), qk_scale, -lse2[:, None]))  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            keep = offs_m[None, :] < Tq
+            keep = offs_m[:, None] < Tq
             if CAUSAL:
-                keep = keep & (offs_m[None, :] + diag >= offs_n[:, None])
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             # A masked score may exceed the row's LSE by any amount: exp2 can overflow, so zero it.
-            pT = tl.where(keep, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
-        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+            p = tl.where(keep, p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")  # += P^T dO
+        dp = tl.dot(do, vT, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")  # += dS^T q
     return dk, dv
 
 
@@ -352,11 +358,13 @@ def _flash_attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    # Loaded once, already transposed (BLOCK_D, BLOCK_N): the operands of q @ kT and dO @ vT.
+    kvT_mask = (offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < Tk)
+    kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=kvT_mask, other=0.0)
+    vT = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=kvT_mask, other=0.0)
     if DOT_FP32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        kT = kT.to(tl.float32)
+        vT = vT.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -374,13 +382,13 @@ def _flash_attention_bwd_dkdv_kernel(
         lo = 0
         full_lo = 0
     full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
                              offs_n, offs_d, lo, full_lo, Tq, diag, qk_scale,
                              HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
                              offs_n, offs_d, full_lo, full_hi, Tq, diag, qk_scale,
                              HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
                              offs_n, offs_d, full_hi, hi, Tq, diag, qk_scale,
                              HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
 
@@ -413,7 +421,7 @@ def _bwd_dq_inner(
         if DOT_FP32:
             kT = kT.to(tl.float32)
             vT = vT.to(tl.float32)
-        p = tl.exp2(tl.dot(q, kT, input_precision="ieee") * qk_scale - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(tl.fma(tl.dot(q, kT, input_precision="ieee"), qk_scale, -lse2[:, None]))  # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = offs_n[None, :] < Tk
             if CAUSAL:
@@ -460,7 +468,7 @@ def _flash_attention_bwd_dq_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -618,8 +626,8 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     sm_scale = float(sm_scale)
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"{OP}: sm_scale must be finite, got {sm_scale}")
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"{OP}: sm_scale must be finite and > 0, got {sm_scale}")
     return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
 
 

@@ -1,0 +1,175 @@
+"""flash_attention forward and backward against float64, by FlashAttention's rule: the kernel's error
+must be within 2x PyTorch's error computing the same attention in the same dtype."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.flash_attention import (
+    _BWD_CONFIGS,
+    _FWD_CONFIGS,
+    _flash_attention_bwd,
+    _flash_attention_fwd,
+    flash_attention,
+)
+from kernels.testing import assert_close_to_reference, poison_
+
+
+def _fwd_bwd(fn, q, k, v, do, **kw):
+    """(o, dq, dk, dv) of fn on fresh leaves that keep q, k, v's strides."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = fn(q, k, v, **kw)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def _check_against_float64(q, k, v, do, causal, sm_scale=None):
+    ours = _fwd_bwd(flash_attention, q, k, v, do, causal=causal, sm_scale=sm_scale)
+    exact = _fwd_bwd(reference.attention, q.double(), k.double(), v.double(), do.double(),
+                     causal=causal, sm_scale=sm_scale)
+    torch_same_dtype = _fwd_bwd(reference.attention, q, k, v, do, causal=causal, sm_scale=sm_scale)
+    for name, got, want, base, inp in zip(("o", "dq", "dk", "dv"), ours, exact, torch_same_dtype, (q, q, k, v)):
+        assert got.dtype == q.dtype and got.shape == inp.shape, name
+        assert_close_to_reference(name, got, want, base)
+
+
+def _qkvdo(B, H, Tq, Tk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(B, H, Tq, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, H, Tk, D, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, do
+
+
+# Each case adds at least one feature: T = 1, primes, exact and ragged tiles, Tk > Tq (bottom-right
+# causal), Tq > Tk (non-causal), non-power-of-2 D (padded BLOCK_D), D from 16 to 128, every dtype,
+# batch and heads > 1, and large scores (sm_scale = 2) for the online softmax's rescaling.
+CASES = [
+    # dtype,        B, H,  Tq,  Tk,   D, causal, sm_scale
+    (torch.float32, 2, 2, 1, 1, 16, True, None),
+    (torch.float16, 2, 3, 7, 7, 32, True, None),
+    (torch.bfloat16, 1, 2, 64, 64, 64, True, None),
+    (torch.float32, 1, 1, 129, 129, 80, True, None),
+    (torch.float16, 1, 1, 129, 257, 64, True, None),
+    (torch.bfloat16, 1, 1, 1, 257, 96, True, None),
+    (torch.float32, 1, 1, 257, 257, 128, True, 2.0),
+    (torch.bfloat16, 1, 1, 7, 129, 128, False, None),
+    (torch.float16, 1, 1, 129, 7, 80, False, None),
+    (torch.float32, 1, 2, 64, 129, 16, False, None),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,Tq,Tk,D,causal,sm_scale", CASES)
+def test_matches_float64(dtype, B, H, Tq, Tk, D, causal, sm_scale):
+    q, k, v, do = _qkvdo(B, H, Tq, Tk, D, dtype)
+    _check_against_float64(q, k, v, do, causal, sm_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_views_of_one_qkv_tensor(dtype):
+    """The model's call: q, k, v are permuted views of one (B, T, 3, H, D) projection, dO is
+    non-contiguous, and the gradient lands in the fused tensor through PyTorch's view backward."""
+    B, T, H, D = 2, 37, 2, 32
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(dtype)
+    do = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, D), not contiguous
+
+    def run(fn, x):
+        x = x.detach().requires_grad_()
+        q, k, v = x.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        if fn is flash_attention:
+            assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+        o = fn(q, k, v, causal=True)
+        o.backward(do.to(x.dtype))
+        return o, x.grad
+
+    ours, exact, base = run(flash_attention, qkv), run(reference.attention, qkv.double()), run(reference.attention, qkv)
+    for name, i in (("o", 0), ("dqkv", 1)):
+        assert_close_to_reference(name, ours[i], exact[i], base[i])
+
+
+def _distinct_block_pairs(configs):
+    pairs = {}
+    for c in configs:
+        pairs.setdefault((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]), c)
+    return list(pairs.values())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_block_shape_writes_every_output(causal):
+    """Each (BLOCK_M, BLOCK_N) pair the autotuner may pick on a GPU (only the first runs there
+    without an override), launched explicitly into NaN-poisoned outputs: the causal stage bounds
+    with a bottom-right offset (Tk - Tq = 70, a multiple of neither block) must be right for every
+    pair, and no element of O, LSE, dQ, dK, dV may be left unwritten."""
+    B, H, Tq, Tk, D = 1, 1, 131, 201, 16
+    q, k, v, do = _qkvdo(B, H, Tq, Tk, D, torch.float32, seed=2)
+    exact = _fwd_bwd(reference.attention, q.double(), k.double(), v.double(), do.double(), causal=causal)
+    base = _fwd_bwd(reference.attention, q, k, v, do, causal=causal)
+
+    def lse_of(q, k):  # the log-sum-exp of each row of masked scores, what the forward saves
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq), float("-inf"))
+        return torch.logsumexp(scores, dim=-1)
+
+    exact_lse, base_lse = lse_of(q.double(), k.double()), lse_of(q, k)
+    log2e = 1.0 / math.log(2.0)  # the kernel saves the log-sum-exp in log2 units
+    sm_scale = 1.0 / math.sqrt(D)
+    fwd_pairs, bwd_pairs = _distinct_block_pairs(_FWD_CONFIGS), _distinct_block_pairs(_BWD_CONFIGS)
+    assert len(fwd_pairs) >= 3 and len(bwd_pairs) >= 3  # square and both oblong shapes are covered
+    for c in fwd_pairs:
+        config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        o, lse = poison_(torch.empty_like(q)), poison_(torch.empty(B, H, Tq))
+        _flash_attention_fwd(q, k, v, causal, sm_scale, out=o, lse=lse, config=config)
+        assert_close_to_reference(f"o {config}", o, exact[0], base[0])
+        assert_close_to_reference(f"lse {config}", lse, exact_lse * log2e, base_lse * log2e)
+    o, lse = _flash_attention_fwd(q, k, v, causal, sm_scale)
+    for c in bwd_pairs:
+        config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        grads = tuple(poison_(torch.empty_like(t)) for t in (q, k, v))
+        _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
+        for name, got, want, ref in zip(("dq", "dk", "dv"), grads, exact[1:], base[1:]):
+            assert_close_to_reference(f"{name} {config}", got, want, ref)
+
+
+def test_zero_batch_returns_empty():
+    q = torch.randn(0, 2, 5, 16, requires_grad=True)
+    o = flash_attention(q, q, q)
+    assert o.shape == (0, 2, 5, 16)
+    o.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def _bad(**overrides):
+    shapes = dict(q=(1, 2, 8, 32), k=(1, 2, 8, 32), v=(1, 2, 8, 32))
+    dtypes = dict(q=torch.float32, k=torch.float32, v=torch.float32)
+    for name, value in overrides.items():
+        (dtypes if isinstance(value, torch.dtype) else shapes)[name] = value
+    return [torch.randn(shapes[n]).to(dtypes[n]) for n in ("q", "k", "v")]
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        (_bad(q=torch.int32, k=torch.int32, v=torch.int32), {}, TypeError, "dtype"),
+        (_bad(k=torch.float16), {}, TypeError, "one dtype"),
+        (_bad(q=(2, 8, 32)), {}, ValueError, "4-D"),
+        (_bad(v=(1, 2, 9, 32)), {}, ValueError, "same shape"),
+        (_bad(k=(1, 3, 8, 32), v=(1, 3, 8, 32)), {}, ValueError, "batch, heads and head dim"),
+        (_bad(q=(2, 2, 8, 32)), {}, ValueError, "batch, heads and head dim"),
+        (_bad(q=(1, 2, 0, 32)), {}, ValueError, ">= 1"),
+        (_bad(q=(1, 2, 8, 8), k=(1, 2, 8, 8), v=(1, 2, 8, 8)), {}, ValueError, "head dim 8"),
+        (_bad(q=(1, 2, 8, 256), k=(1, 2, 8, 256), v=(1, 2, 8, 256)), {}, ValueError, "head dim 256"),
+        (_bad(q=(1, 2, 9, 32)), {"causal": True}, ValueError, "Tk >= Tq"),
+        (_bad(), {"sm_scale": float("nan")}, ValueError, "sm_scale"),
+    ],
+)
+def test_bad_inputs_raise(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention(*args, **kwargs)
+
+
+def test_inputs_on_two_devices_raise():
+    q, k, v = _bad()
+    with pytest.raises(ValueError, match="one device"):
+        flash_attention(q, k.to("meta"), v)
