@@ -60,11 +60,18 @@ partials per query: the combine costs under 1 % of the traffic and one more (tin
 
 Implementation notes
 --------------------
-* Everything is computed in fp32 (loads are cast up; the interpreter cannot do bf16 math), and
-  exp2/log2 are used with the scale folded into log2(e) * sm_scale; the partial lse is in base 2.
-* Tq == 1 (BLOCK_T = 1): scores and p.V are broadcast-multiply-and-sum, exactly the FLOPs needed.
-  1 < Tq <= 16 (BLOCK_T = 16): a tl.dot padded to 16 rows (a dot needs M >= 16); the waste is
-  compute, which decode has to spare. fp32 dots use input_precision="ieee" (no TF32 rounding).
+* The softmax runs in fp32 with exp2/log2 (scores scaled by sm_scale * log2(e)); the partial lse is
+  in base 2, and so is the combine's arithmetic.
+* Tq == 1 (BLOCK_T = 1): scores and p.V are broadcast-multiply-and-sum in fp32, exactly the FLOPs
+  needed and no tensor cores. 1 < Tq <= 16 (BLOCK_T = 16): tl.dot padded to 16 rows (a dot needs
+  M >= 16; the waste is compute, which decode has to spare), in the inputs' own dtype with fp32
+  accumulation and P cast down to it for P.V, as FlashAttention does; fp32 inputs use
+  input_precision="ieee" (no TF32). Triton's interpreter cannot multiply bf16 tiles, so there (only)
+  bf16 tiles are widened to fp32 first (DOT_FP32); P is still rounded to bf16 before the widening,
+  so the interpreter computes what the GPU does. (Widening every dtype to fp32 instead makes the
+  dot an FMA loop that needs ~255 registers and spills: kernels/compile_check.py showed it.)
+* D is a compile-time constant: with D == BLOCK_D (64, 128) the head-dim mask folds away and K/V
+  rows load as 16-byte vectors; other head dims (e.g. 80) are padded to BLOCK_D and masked.
 * seq_lens is validated on the host (one device-to-host sync per call): a bad length would otherwise
   read garbage silently. Strided cache views are fine (all strides are passed).
 * Inference only: there is no backward (generation never differentiates through the cache), so
@@ -79,6 +86,7 @@ import torch
 
 from kernels._common import (
     FLOAT_DTYPES,
+    INTERPRET,
     CompileSpec,
     check_device,
     check_dtype,
@@ -118,12 +126,14 @@ def _decode_attention_fwd_kernel(
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    H, Tq, D,
+    H, Tq,
     n_blocks,  # cdiv(L_max, BLOCK_N): the key blocks the splits share out
     num_splits,
+    D: tl.constexpr,  # head dim: a constant, so that when D == BLOCK_D its mask folds away and loads vectorise
     BLOCK_T: tl.constexpr,  # 1 (Tq == 1) or 16 (a padded tl.dot)
     BLOCK_N: tl.constexpr,  # keys per inner step
     BLOCK_D: tl.constexpr,  # next power of 2 >= D (at least 64)
+    DOT_FP32: tl.constexpr,  # widen bf16 tiles before tl.dot: only in the interpreter, which cannot multiply bf16
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -140,8 +150,9 @@ def _decode_attention_fwd_kernel(
     # int64 for the (b, h) offsets: a big cache (or a view into an all-layers buffer) can pass 2^31.
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q_ptrs += offs_t[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale  # once per program instead of once per score
+    q = tl.load(q_ptrs, mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+    if BLOCK_T == 1 or DOT_FP32:
+        q = q.to(tl.float32)
     # Query t's absolute position. Padding rows (t >= Tq) see every real key: harmless, never stored.
     q_pos = seq_len - Tq + offs_t
 
@@ -160,11 +171,13 @@ def _decode_attention_fwd_kernel(
         n_mask = offs_kn < hi  # masks the garbage past seq_len: it is never even loaded
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        k = k.to(tl.float32)
         if BLOCK_T == 1:
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (1, BLOCK_N)
+            s = tl.sum(q * k.to(tl.float32), axis=1)[None, :]  # (1, BLOCK_D) * (BLOCK_N, BLOCK_D) -> (1, BLOCK_N)
         else:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_T, BLOCK_N)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_T, BLOCK_N), fp32 accumulation
+        s = s * qk_scale
         visible = n_mask[None, :] & (offs_kn[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
 
@@ -177,11 +190,14 @@ def _decode_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        v = v.to(tl.float32)
         if BLOCK_T == 1:
-            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (1, BLOCK_D)
+            pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]  # (BLOCK_N, 1) * (BLOCK_N, BLOCK_D)
         else:
-            pv = tl.dot(p, v, input_precision="ieee")  # (BLOCK_T, BLOCK_D)
+            p_in = p.to(v.dtype)  # P in the cache's dtype for the tensor cores, as FlashAttention does
+            if DOT_FP32:
+                p_in = p_in.to(tl.float32)
+                v = v.to(tl.float32)
+            pv = tl.dot(p_in, v, input_precision="ieee")  # (BLOCK_T, BLOCK_D)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -202,7 +218,8 @@ def _decode_attention_combine_kernel(
     LSE_part,  # (B * H, num_splits, Tq) fp32 contiguous: the splits' base-2 log-sum-exp
     Out,  # (B, H, Tq, D), any strides, in q's dtype
     stride_ob, stride_oh, stride_ot, stride_od,
-    H, Tq, D, num_splits,
+    H, Tq, num_splits,
+    D: tl.constexpr,
     BLOCK_S: tl.constexpr,  # splits merged per step
     BLOCK_D: tl.constexpr,
 ):
@@ -248,10 +265,13 @@ def _decode_attention_combine_kernel(
 def _block_config(Tq: int, D: int) -> dict:
     """The constexprs the launcher picks (every combination is listed in COMPILE_SPECS)."""
     block_d = max(64, next_power_of_2(D))
+    block_t = 1 if Tq == 1 else 16
     return {
-        "BLOCK_T": 1 if Tq == 1 else 16,
-        # 4096 fp32 elements per K/V tile: 32 registers per thread at 4 warps, for either head dim.
-        "BLOCK_N": 4096 // block_d,
+        "BLOCK_T": block_t,
+        # Tq == 1: 4096-element K/V tiles, 32 fp32 registers per thread at 4 warps, for either head
+        # dim. The dot path also holds a (16, BLOCK_N) score tile and dot-operand copies: half that
+        # (fp32 at D = 128 with 32 keys needs 255 registers on sm_90 and spills).
+        "BLOCK_N": (4096 if block_t == 1 else 2048) // block_d,
         "BLOCK_D": block_d,
     }
 
@@ -288,12 +308,13 @@ def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_sp
             q, k_cache, v_cache, lens, o_part, lse_part,
             sm_scale * LOG2E,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
-            H, Tq, D, triton.cdiv(L_max, cfg["BLOCK_N"]), num_splits,
-            **cfg, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            H, Tq, triton.cdiv(L_max, cfg["BLOCK_N"]), num_splits, D,
+            **cfg, DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
         _decode_attention_combine_kernel[(B * H * Tq,)](
             o_part, lse_part, out, *out.stride(),
-            H, Tq, D, num_splits,
+            H, Tq, num_splits, D,
             BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
     return out
@@ -379,24 +400,32 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 def _fwd_signature(dt: str) -> dict:
     sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "SeqLens": "*i32", "O_part": "*fp32", "LSE_part": "*fp32",
            "qk_scale": "fp32"}
-    for p in "qkv":
-        for dim in ("b", "h", "t" if p == "q" else "n", "d"):
-            sig[f"stride_{p}{dim}"] = "i32"
-    sig.update({"H": "i32", "Tq": "i32", "D": "i32", "n_blocks": "i32", "num_splits": "i32",
-                "BLOCK_T": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"})
+    for p in "qkv":  # ":16": multiples of the head dim (64 or 128), hence of 16, as the launcher sees
+        for dim in ("b", "h", "t" if p == "q" else "n"):
+            sig[f"stride_{p}{dim}"] = "i32:16"
+        sig[f"stride_{p}d"] = "i32"
+    sig.update({"H": "i32", "Tq": "i32", "n_blocks": "i32", "num_splits": "i32",
+                "D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+                "DOT_FP32": "constexpr"})
     return sig
 
 
 def _combine_signature(dt: str) -> dict:
     sig = {"O_part": "*fp32", "LSE_part": "*fp32", "Out": f"*{dt}"}
-    sig.update({f"stride_o{dim}": "i32" for dim in "bhtd"})
-    sig.update({"H": "i32", "Tq": "i32", "D": "i32", "num_splits": "i32", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"})
+    sig.update({f"stride_o{dim}": "i32:16" for dim in "bht"})
+    sig["stride_od"] = "i32"
+    sig.update({"H": "i32", "Tq": "i32", "num_splits": "i32", "D": "constexpr", "BLOCK_S": "constexpr",
+                "BLOCK_D": "constexpr"})
     return sig
 
 
 _LAUNCH = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-_FWD_CONFIGS = [{**_block_config(tq, d), **_LAUNCH} for tq in (1, 2) for d in (64, 128)]
-_COMBINE_CONFIGS = [{"BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": d, **_LAUNCH} for d in (64, 128)]
+# The head-dim strides are 1 in every launch that matters (a cache whose rows are contiguous); Triton
+# compiles an int argument equal to 1 as a constant, and that is what lets a load vectorise.
+_UNIT_STRIDES = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1}
+_FWD_CONFIGS = [{"D": d, **_block_config(tq, d), "DOT_FP32": False, **_UNIT_STRIDES, **_LAUNCH}
+                for tq in (1, 2) for d in (64, 128)]
+_COMBINE_CONFIGS = [{"D": d, "BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": d, "stride_od": 1, **_LAUNCH} for d in (64, 128)]
 
 COMPILE_SPECS = [
     spec
