@@ -77,13 +77,16 @@ def attention_flops(B: int, H: int, Tq: int, Tk: int, D: int, causal: bool, pass
 def gpt_train_flops(model, B: int, T: int) -> float:
     """Model FLOPs of one training step (forward + backward) of a GPTModel on B x T tokens.
 
-    6 N per token for the matmul weights (2 forward, 4 backward: N excludes the two embedding
-    tables, which are lookups, not matmuls; LayerNorm and bias parameters are counted too, a 0.1%
-    overestimate not worth a special case), plus the attention scores and their use: causal forward
-    2*B*H*T^2*D per layer, backward twice that (model FLOPs: a recomputation is not useful work).
+    6 N per token for the matmul weights (2 forward, 4 backward: N excludes the embedding tables,
+    which are lookups, not matmuls, unless the token embedding is tied to the output head, which is
+    one; LayerNorm and bias parameters are counted too, a 0.1% overestimate not worth a special
+    case), plus the attention scores and their use: causal forward 2*B*H*T^2*D per layer, backward
+    twice that (model FLOPs, as MFU counts them: a recomputation is not useful work).
     """
     cfg = model.cfg
-    n_matmul = model.num_params() - model.tok_emb.weight.numel() - model.pos_emb.weight.numel()
+    n_matmul = model.num_params() - model.pos_emb.weight.numel()
+    if not cfg.tie_weights:
+        n_matmul -= model.tok_emb.weight.numel()
     attn = 3 * cfg.n_layers * attention_flops(B, cfg.n_heads, T, T, cfg.head_dim, causal=True, pass_="fwd")
     return 6 * n_matmul * B * T + attn
 
@@ -204,11 +207,16 @@ def make_step(fn: Callable, inputs: Sequence, pass_: str, grad_argnums: Sequence
 
 
 class Compiled:
-    """torch.compile(fn), compiled on first call from a clean slate: each size is its own test, and
-    dynamo's per-function recompile limit would otherwise turn later sizes into silent eager runs."""
+    """torch.compile(fn), compiled on first call after `fresh()` from a clean slate. kernel_bench
+    calls fresh() at the start of every test: each size and pass is its own test, and sharing one
+    compiled function across them would hit dynamo's recompile limit (8), after which it silently
+    runs eager."""
 
     def __init__(self, fn: Callable):
         self.fn, self.compiled = fn, None
+
+    def fresh(self) -> None:
+        self.compiled = None
 
     def __call__(self, *args):
         if self.compiled is None:
@@ -264,6 +272,9 @@ def kernel_bench(
     """
     device = inputs[0].device
     quick = benchmark.disabled
+    for f in impls.values():
+        if isinstance(f, Compiled):
+            f.fresh()
     benchmark.group = f"{kernel} {pass_} {x_label}={size}"
 
     def measure(name: str) -> float | None:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from bench_util import Compiled, attention_flops, kernel_bench, triton_kernel
 from kernels import reference
 
+pytestmark = pytest.mark.gpu
+
 TOKENS = 16 * 1024  # B * T, fixed: longer sequences mean fewer of them
 SEQ_LENS = [512, 1024, 2048, 4096, 8192]
 H, D = 12, 64

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from bench_util import Compiled, kernel_bench, triton_kernel
 from kernels import reference
 
+pytestmark = pytest.mark.gpu
+
 V = 50257
 ROWS = [2048, 4096, 8192, 16384]
 

@@ -19,6 +19,8 @@ from bench_util import Compiled, kernel_bench, triton_kernel
 from kernels import reference
 from model.ops import TorchOps
 
+pytestmark = pytest.mark.gpu
+
 B, H, D = 16, 12, 64
 CACHE_LENS = [512, 1024, 2048, 4096, 8192]
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from bench_util import Compiled, kernel_bench, triton_kernel
 from kernels import reference
 
+pytestmark = pytest.mark.gpu
+
 ROWS = 8192
 WIDTHS = [768, 1024, 1280, 1600]
 EPS = 1e-5
