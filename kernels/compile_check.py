@@ -133,7 +133,7 @@ def _selected(module: str, spec_name: str | None, kernel_filter: str | None) -> 
     return kernel_filter in module or (spec_name is not None and kernel_filter in spec_name)
 
 
-def _plan(modules, kernel_filter, targets):
+def _plan(modules, kernel_filter, targets, first_config_only=False):
     """Import the kernel modules; return (module problems as Results, module spec counts, jobs).
 
     A job is (module, spec index, config index, target), the same list in every worker (the order is
@@ -169,7 +169,7 @@ def _plan(modules, kernel_filter, targets):
                 continue
             if not spec.configs:
                 problems.append(Result(spec.name, "", "", module, error="the spec lists no configs"))
-            for j in range(len(spec.configs)):
+            for j in range(min(len(spec.configs), 1) if first_config_only else len(spec.configs)):
                 for target in targets:
                     jobs.append((module, i, j, target))
     return problems, counts, jobs
@@ -243,7 +243,7 @@ def compile_one(spec, config: dict, target_name: str, module: str = "") -> Resul
     from triton.backends.compiler import GPUTarget
 
     res = Result(spec.name, _config_label(config), target_name, module)
-    arch, shared_limit = TARGETS[target_name]
+    arch = TARGETS[target_name][0]
     try:
         fn = _jit_function(spec.kernel)
         constexprs = {k: v for k, v in config.items() if k not in LAUNCH_OPTIONS}
@@ -258,21 +258,29 @@ def compile_one(spec, config: dict, target_name: str, module: str = "") -> Resul
         res.error = _short_error(e)
         return res
 
-    num_warps = compiled.metadata.num_warps
-    res.registers = usage["REG"]
-    res.spills = usage["LOCAL"] + usage.get("STACK", 0)
-    res.shared = compiled.metadata.shared + usage["SHARED"]
-    problems = []
-    if res.shared > shared_limit:
-        problems.append(f"shared memory {res.shared} B > {shared_limit} B per block on {target_name}")
-    if res.spills:
-        problems.append(f"{res.spills} B of local memory per thread (stack frame {usage.get('STACK', 0)} B, "
-                        f"local {usage['LOCAL']} B): registers spill")
-    if res.registers > MAX_REGISTERS_PER_THREAD or res.registers * 32 * num_warps > REGISTERS_PER_SM:
-        problems.append(f"{res.registers} registers x {32 * num_warps} threads > {REGISTERS_PER_SM} per SM")
+    res.registers, res.spills, res.shared, problems = judge(usage, compiled.metadata.shared,
+                                                           compiled.metadata.num_warps, target_name)
     res.status = "FAIL" if problems else "OK"
     res.error = "; ".join(problems)
     return res
+
+
+def judge(usage: dict, dynamic_shared: int, num_warps: int, target_name: str):
+    """(registers, spill bytes, shared bytes, problems) from cuobjdump's numbers and Triton's
+    dynamic shared memory; problems is empty when the kernel fits `target_name`."""
+    shared_limit = TARGETS[target_name][1]
+    registers = usage["REG"]
+    spills = usage["LOCAL"] + usage.get("STACK", 0)
+    shared = dynamic_shared + usage["SHARED"]
+    problems = []
+    if shared > shared_limit:
+        problems.append(f"shared memory {shared} B > {shared_limit} B per block on {target_name}")
+    if spills:
+        problems.append(f"{spills} B of local memory per thread (stack frame {usage.get('STACK', 0)} B, "
+                        f"local {usage['LOCAL']} B): registers spill")
+    if registers > MAX_REGISTERS_PER_THREAD or registers * 32 * num_warps > REGISTERS_PER_SM:
+        problems.append(f"{registers} registers x {32 * num_warps} threads > {REGISTERS_PER_SM} per SM")
+    return registers, spills, shared, problems
 
 
 def _checked_signature(fn, signature: dict, constexprs: dict) -> tuple[dict, list]:
@@ -334,15 +342,16 @@ def _short_error(e: Exception) -> str:
     return " | ".join(lines[:6])[:800]
 
 
-def _worker(modules, kernel_filter, targets) -> None:
+def _worker(modules, kernel_filter, targets, first_config_only=False) -> None:
     """Protocol on stdin/stdout, one JSON object per line. Out: {"plan": ...} first; then for each job
     index read from stdin, {"job": i, "result": {...}}. Stdin closing ends the worker."""
     out = sys.stdout
     sys.stdout = sys.stderr  # anything a kernel module prints must not corrupt the protocol
-    problems, counts, jobs = _plan(modules, kernel_filter, targets)
-    print(json.dumps({"plan": {"problems": [asdict(p) for p in problems], "counts": counts, "jobs": jobs}}),
-          file=out, flush=True)
+    problems, counts, jobs = _plan(modules, kernel_filter, targets, first_config_only)
     specs = {m: importlib.import_module(f"kernels.{m}").COMPILE_SPECS for m, n in counts.items() if n}
+    labels = [(specs[m][s].name, _config_label(specs[m][s].configs[c])) for m, s, c, _ in jobs]
+    plan = {"problems": [asdict(p) for p in problems], "counts": counts, "jobs": jobs, "labels": labels}
+    print(json.dumps({"plan": plan}), file=out, flush=True)
     for line in sys.stdin:
         i = int(line)
         module, s, c, target = jobs[i]
@@ -366,43 +375,57 @@ _WORKER_BOOT = (
 )
 
 def run_check(modules=KERNEL_MODULES, kernel: str | None = None, targets=tuple(TARGETS), workers: int = 2,
-              on_result=None) -> Report:
-    """Compile every selected (spec, config, target). `kernel` keeps the specs whose module or spec
-    name contains it; `on_result(Result)` is called as results arrive (for progress output)."""
+              first_config_only: bool = False, timeout: float | None = 300.0, on_result=None) -> Report:
+    """Compile every selected (spec, config, target) in `workers` processes.
+
+    kernel: keep the specs whose module or spec name contains it. first_config_only: each spec's
+    first config only (the launcher's default; a quicker, partial check). timeout: seconds one
+    compile may take before its worker is killed (and replaced) and the job reported as a failure:
+    a kernel whose registers spill by kilobytes can keep ptxas busy for many minutes.
+    on_result(Result): called as results arrive (progress output).
+    """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown target(s) {unknown}; known: {list(TARGETS)}")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the project's setting (and silences Triton 3.9's warning)
     cmd = [sys.executable, "-c", _WORKER_BOOT, str(_ROOT), "--worker", "--targets", *targets, "--modules", *modules]
     if kernel:
         cmd += ["--kernel", kernel]
+    if first_config_only:
+        cmd += ["--first-config-only"]
 
     def start():
-        return subprocess.Popen(cmd, cwd=_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, bufsize=1)
+        """(process, plan) of a fresh worker, or (None, stderr) if it did not come up."""
+        err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker must never block on it
+        proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True, bufsize=1)
+        proc.err_file = err
+        msg = _read_json(proc)
+        if msg is None or "plan" not in msg:
+            return None, _stop(proc)
+        return proc, msg["plan"]
 
-    procs = [start() for _ in range(max(1, workers))]
-    plans = [_read_json(p) for p in procs]
-    good = [(p, plan) for p, plan in zip(procs, plans) if plan is not None and "plan" in plan]
-    if not good:
-        err = [_stop(p) for p in procs][0]
-        raise RuntimeError(f"compile_check: no worker started:\n{err[-4000:]}")
-    plan = good[0][1]["plan"]
-    report = Report(modules={m: n for m, n in plan["counts"].items()})
+    first, plan = start()
+    if first is None:
+        raise RuntimeError(f"compile_check: the compile worker did not start:\n{plan}")
+    report = Report(modules=dict(plan["counts"]))
     report.results.extend(Result(**r) for r in plan["problems"])
-    jobs = [tuple(j) for j in plan["jobs"]]
-    for p, other in good[1:]:
-        if other["plan"]["jobs"] != plan["jobs"]:
-            raise RuntimeError("compile_check: workers disagree on the job list (nondeterministic COMPILE_SPECS?)")
-    for p in procs:
-        if all(p is not q for q, _ in good):
-            _stop(p)
+    jobs, labels = [tuple(j) for j in plan["jobs"]], plan["labels"]
 
     lock = threading.Lock()
     pending = list(range(len(jobs)))[::-1]
     results: dict[int, Result] = {}
+
+    def record(i, res):
+        with lock:
+            results[i] = res
+        if on_result:
+            on_result(res)
+
+    def failed(i, why):
+        module, _, _, target = jobs[i]
+        return Result(labels[i][0], labels[i][1], target, module, error=why)
 
     def drive(proc):
         while True:
@@ -410,38 +433,54 @@ def run_check(modules=KERNEL_MODULES, kernel: str | None = None, targets=tuple(T
                 if not pending:
                     break
                 i = pending.pop()
+            if proc is None:  # the last worker died or was killed: start another
+                proc, plan_or_err = start()
+                if proc is None or plan_or_err["jobs"] != plan["jobs"]:
+                    record(i, failed(i, f"compile worker did not restart: {str(plan_or_err)[-600:]}"))
+                    if proc is not None:
+                        _stop(proc)
+                    return
+            timed_out = threading.Event()
+
+            def kill(p=proc, flag=timed_out):
+                flag.set()
+                p.kill()
+
+            killer = threading.Timer(timeout, kill) if timeout else None
             try:
+                if killer:
+                    killer.start()
                 proc.stdin.write(f"{i}\n")
                 proc.stdin.flush()
                 msg = _read_json(proc)
-            except (BrokenPipeError, OSError):
+            except OSError:
                 msg = None
-            if msg is None or msg.get("job") != i:
-                module, s, c, target = jobs[i]
-                err = _stop(proc)
-                res = Result(f"{module} spec #{s}", f"config #{c}", target, module,
-                             error=f"compile worker died (exit {proc.returncode}): {err[-600:]}")
-                with lock:
-                    results[i] = res
-                if on_result:
-                    on_result(res)
-                return  # this worker is gone; the others keep pulling jobs
-            res = Result(**msg["result"])
-            with lock:
-                results[i] = res
-            if on_result:
-                on_result(res)
-        _stop(proc)
+            finally:
+                if killer:
+                    killer.cancel()
+            if msg is not None and msg.get("job") == i:
+                record(i, Result(**msg["result"]))
+                continue
+            err = _stop(proc)
+            if timed_out.is_set():
+                why = f"compile took longer than {timeout:g} s (killed); registers spilling by kilobytes?"
+            else:
+                why = f"compile worker died (exit {proc.returncode}): {err[-600:]}"
+            record(i, failed(i, why))
+            proc = None
 
-    threads = [threading.Thread(target=drive, args=(p,), daemon=True) for p, _ in good]
+        if proc is not None:
+            _stop(proc)
+
+    procs = [first] + [None] * (max(1, workers) - 1)  # the others start inside their threads, in parallel
+    threads = [threading.Thread(target=drive, args=(p,), daemon=True) for p in procs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for i in range(len(jobs)):  # every worker died before finishing: say so for each left-over job
+    for i in range(len(jobs)):  # left over when no worker could be restarted
         if i not in results:
-            module, s, c, target = jobs[i]
-            results[i] = Result(f"{module} spec #{s}", f"config #{c}", target, module, error="not compiled: all workers died")
+            results[i] = failed(i, "not compiled: no compile worker left")
     report.results.extend(results[i] for i in range(len(jobs)))
     return report
 
@@ -470,8 +509,11 @@ def _stop(proc) -> str:
         proc.kill()
         proc.wait()
     try:
-        return proc.stderr.read()[-4000:]
-    except (OSError, ValueError):
+        proc.err_file.seek(0)
+        text = proc.err_file.read()[-4000:]
+        proc.err_file.close()
+        return text
+    except (AttributeError, OSError, ValueError):
         return ""
 
 
@@ -511,12 +553,13 @@ def _main(argv=None) -> None:
     ap.add_argument("--modules", nargs="+", default=list(KERNEL_MODULES))
     ap.add_argument("--targets", nargs="+", default=list(TARGETS))
     ap.add_argument("--kernel", default=None)
+    ap.add_argument("--first-config-only", action="store_true")
     args = ap.parse_args(argv)
     if not args.worker:
         ap.error("this entry point is the worker; run scripts/compile_report.py for the report")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("compile_check worker: TRITON_INTERPRET=1 would build interpreter kernels; unset it")
-    _worker(args.modules, args.kernel, args.targets)
+    _worker(args.modules, args.kernel, args.targets, args.first_config_only)
 
 
 if __name__ == "__main__":
