@@ -6,7 +6,7 @@
 #   scripts/gpu_session.sh "$OUT"       # on a borrowed machine: -> $OUT/<device>-<date>/, to copy back
 #
 # Files: env.txt (date, commit, device, python/torch/CUDA/triton versions, nvidia-smi), tests.log,
-# bench.log + bench.json, compile_report.txt, report.md + *.png (scripts/bench_report.py), and
+# bench.log + bench.json, compile_report.txt + .md, report.md + *.png (scripts/bench_report.py), and
 # summary.txt (each step's exit status). A failing step does not stop the later ones; the script
 # exits non-zero if any step failed. Commit the folder under bench/results/ (see its README.md).
 #
@@ -100,7 +100,8 @@ for s in $STEPS; do
       step bench bench.log "$PY" -m pytest bench/ --benchmark-only --benchmark-json "$dir/bench.json" ${BENCH_ARGS:-} ;;
     compile)
       if [ -f scripts/compile_report.py ]; then
-        step compile compile_report.txt "$PY" scripts/compile_report.py
+        step compile compile_report.txt "$PY" scripts/compile_report.py \
+          --markdown "$dir/compile_report.md" --workers "$(nproc 2>/dev/null || echo 2)"
       else
         echo "compile: scripts/compile_report.py not found, skipped" | tee -a "$dir/summary.txt"
       fi ;;
