@@ -40,9 +40,12 @@ accumulated so far was scaled by exp(-m) and must be scaled by exp(-m') instead,
 
 and at the end O = acc / l. All of this is in fp32 whatever the input dtype. We work in base 2:
 exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale once (qk_scale = scale * log2 e),
-so each score costs one multiply and one exp2 (a single hardware instruction). The only statistic
-saved for backward is the log-sum-exp per row, LSE = m + log(l) (stored in natural-log units, so it
-equals torch.logsumexp(S, -1)).
+so each score costs one fma, qk * qk_scale - m, and one exp2 (a single hardware instruction). The
+fma matters for accuracy, not only speed: a score of 100 rounded on its own is off by ~4e-6, which
+exp turns into a 4e-6 relative error; inside the fma only m is rounded, and m is common to the row.
+The only statistic saved for backward is the log-sum-exp per row, in the same base-2 units:
+LSE2 = m + log2(l) = log2 sum_j 2^(qk_scale q.k_j) (= torch.logsumexp(S, -1) * log2 e), so that the
+backward rebuilds P = exp2(qk * qk_scale - LSE2) with one fma and no conversion.
 
 Causal block skipping
 ---------------------
@@ -59,12 +62,17 @@ With dO the incoming gradient and Delta_i = sum_j P_ij dP_ij = dO_i . O_i (one d
 
     dV = P^T dO        dP = dO v^T        dS = P * (dP - Delta)        dQ = scale dS k        dK = scale dS^T q
 
-P is never stored: each tile of it is rebuilt from q, k and the saved LSE as exp2(qk_scale q k^T -
-LSE log2 e), which costs one extra q k^T but saves reading T^2 probabilities back from HBM. Three
+P is never stored: each tile of it is rebuilt from q, k and the saved LSE2 as exp2(qk_scale q k^T -
+LSE2), which costs one extra q k^T but saves reading T^2 probabilities back from HBM. The rebuilt
+P must match the forward's closely: where a row of P is nearly one-hot, a score off by 1e-5 makes a
+1e-5 relative error in every gradient. So both backward kernels compute q @ k^T exactly as the
+forward did (same operands, same order, same fma), which makes the fp32 P bit-identical. Three
 kernels, as in FlashAttention-2, none with atomics:
   1. preprocess: Delta = rowsum(dO * O), (B, H, Tq) fp32.
   2. dK/dV: one program per key tile; it loops over the query tiles that can see it (from the
-     diagonal down, so causal skipping again) and owns its rows of dK and dV outright.
+     diagonal down, so causal skipping again) and owns its rows of dK and dV outright. It needs
+     P^T and dS^T, and transposes the (BLOCK_M, BLOCK_N) tiles in registers rather than computing
+     k @ q^T directly, which could round differently (see above).
   3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
 Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
 exactly one program, which is what makes atomics unnecessary.
@@ -115,13 +123,17 @@ _FWD_CONFIGS = [
     _config(64, 64, 4, 2),
     _config(64, 64, 4, 3),
     _config(128, 64, 8, 2),
-    _config(128, 64, 4, 3),
-    _config(64, 128, 4, 2),
+    _config(128, 64, 8, 3),
+    _config(64, 128, 8, 2),
     _config(128, 128, 8, 2),
 ]
-_BWD_CONFIGS = [  # shared by the dK/dV and the dQ kernel (each autotunes on its own)
+# Shared by the dK/dV and the dQ kernel (each autotunes on its own). The backward keeps more tiles
+# live than the forward (k, v, dK, dV, and P, dP, dS), so it leans on 8 warps: with 4, the D = 128
+# dK/dV kernel needs more than 255 registers a thread and spills.
+_BWD_CONFIGS = [
+    _config(64, 64, 8, 2),
+    _config(64, 64, 8, 3),
     _config(64, 64, 4, 2),
-    _config(64, 64, 4, 3),
     _config(64, 128, 8, 2),
     _config(128, 64, 8, 2),
 ]
@@ -129,25 +141,35 @@ _PRE_BLOCK_M = 64  # the preprocess kernel is a plain row reduction: no tuning n
 # Retune when the head dim, the dtype (Triton adds tensor dtypes to the key), causality or the
 # sequence length's power-of-two bucket changes; not for every distinct length.
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
+SMEM_SM80 = 163 * 1024  # shared memory a block may use on an A100 (sm_90 has 227 KiB)
 
 
-def _fits(config, dtype_bytes: int, block_d: int, smem_bytes: int = 163 * 1024) -> bool:
-    """A conservative shared-memory estimate for one config: the pipeliner keeps `num_stages - 1`
-    copies of the streamed k and v tiles (BLOCK_N x BLOCK_D each), plus the resident q/dO tile and a
-    BLOCK_M x BLOCK_N scratch for the layout change of P before its dot."""
+def _smem_estimate(kernel: str, config, dtype_bytes: int, block_d: int) -> int:
+    """An upper bound on the shared memory of one config, in bytes (checked against Triton 3.9's
+    own numbers for sm_80 at D = 64 and 128). The software pipeliner keeps `num_stages - 1` copies
+    of the two tiles a kernel streams through its loop (k and v for fwd and dQ; q and dO for dK/dV),
+    the tiles loaded once stay in shared memory too, and P and dS pass through a scratch tile on
+    their way from accumulator layout to dot-operand layout."""
     bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    streamed = 2 * max(stages - 1, 1) * max(bm, bn) * block_d * dtype_bytes
-    resident = 2 * min(bm, bn) * block_d * dtype_bytes + bm * bn * dtype_bytes
-    return streamed + resident <= smem_bytes
+    streamed, resident = {"fwd": (bn, bm), "dkdv": (bm, 2 * bn), "dq": (bn, 2 * bm)}[kernel]
+    row = block_d * dtype_bytes
+    return row * (2 * max(stages - 1, 1) * streamed + resident) + 2 * bm * bn * dtype_bytes
 
 
-def _prune(configs, named_args, **kwargs):
-    """Autotuner hook: drop the configs that would not fit in shared memory for this dtype/head dim."""
-    args = {**named_args, **kwargs}
-    dtype_bytes = args["Q"].element_size()
-    block_d = args["BLOCK_D"]
-    kept = [c for c in configs if _fits(c, dtype_bytes, block_d)]
-    return kept or configs[:1]
+def _fits(kernel: str, config, dtype_bytes: int, block_d: int) -> bool:
+    return _smem_estimate(kernel, config, dtype_bytes, block_d) <= SMEM_SM80
+
+
+def _pruner(kernel: str):
+    """Autotuner hook: drop the configs that would not fit for this dtype and head dim (fp32 at
+    D = 128 keeps only the small ones). The first config of each list fits everywhere."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dtype_bytes, block_d = args["Q"].element_size(), args["BLOCK_D"]
+        return [c for c in configs if _fits(kernel, c, dtype_bytes, block_d)] or configs[:1]
+
+    return prune
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +219,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _flash_attention_fwd_kernel(
     Q, K, V, O, LSE,  # Q/O: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides; LSE: (B, H, Tq) fp32 contiguous
@@ -327,7 +349,7 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _flash_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,  # Q/DO: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
@@ -433,7 +455,7 @@ def _bwd_dq_inner(
     return dq
 
 
-@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _flash_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,  # Q/DO/DQ: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides;
@@ -599,10 +621,41 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
 # ----------------------------------------------------------------------------------------------
 # Autograd and the public function
 # ----------------------------------------------------------------------------------------------
+# The launchers as PyTorch custom ops: opaque to torch.compile, which then traces through
+# FlashAttentionFunction without a graph break (it cannot trace into a Triton launch itself; the
+# fake implementations tell it the output shapes instead).
+@torch.library.custom_op(
+    "gpt_triton::flash_attention_fwd", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> (Tensor, Tensor)",
+)
+def _flash_attention_fwd_op(q, k, v, causal, sm_scale):
+    return _flash_attention_fwd(q, k, v, causal, sm_scale)
+
+
+@_flash_attention_fwd_op.register_fake
+def _(q, k, v, causal, sm_scale):
+    B, H, Tq, D = q.shape
+    return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "gpt_triton::flash_attention_bwd", mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float sm_scale)"
+    " -> (Tensor, Tensor, Tensor)",
+)
+def _flash_attention_bwd_op(do, q, k, v, o, lse, causal, sm_scale):
+    return _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale)
+
+
+@_flash_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, sm_scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        o, lse = _flash_attention_fwd(q, k, v, causal, sm_scale)
+        o, lse = _flash_attention_fwd_op(q, k, v, causal, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)  # O(T * D) per head: no (T, T) matrix is kept
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
@@ -610,7 +663,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        dq, dk, dv = _flash_attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
         return dq, dk, dv, None, None
 
 
@@ -651,11 +704,20 @@ def _signature(kernel, dtype) -> dict:
             sig[p.name] = "*fp32"
         elif p.name == "sm_scale":
             sig[p.name] = "fp32"
+        elif p.name.startswith("stride_") and p.name.endswith("d"):
+            # The head dim is contiguous in every real call (q/k/v views of a fused QKV tensor too),
+            # and Triton's launcher specializes an integer equal to 1 into a constant. Compiling
+            # without that would leave each element its own 64-bit address: the D = 128 tiles spill.
+            sig[p.name] = "constexpr"
         elif p.name.startswith("stride_") or p.name in ("Tq", "Tk", "SEQ_BUCKET"):
             sig[p.name] = "i32"
         else:
             sig[p.name] = "*" + _TRITON_DTYPE[dtype]
     return sig
+
+
+def _unit_strides(sig: dict) -> dict:
+    return {n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}
 
 
 def _compile_specs() -> list:
@@ -664,23 +726,26 @@ def _compile_specs() -> list:
         for head_dim in (64, 128):
             name = f"{_TRITON_DTYPE[dtype]}.d{head_dim}"
             base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, DOT_FP32=False)
-            for label, kernel, configs in (
-                ("fwd", _flash_attention_fwd_kernel, _FWD_CONFIGS),
-                ("bwd_dkdv", _flash_attention_bwd_dkdv_kernel, _BWD_CONFIGS),
-                ("bwd_dq", _flash_attention_bwd_dq_kernel, _BWD_CONFIGS),
+            for label, kind, kernel, configs in (
+                ("fwd", "fwd", _flash_attention_fwd_kernel, _FWD_CONFIGS),
+                ("bwd_dkdv", "dkdv", _flash_attention_bwd_dkdv_kernel, _BWD_CONFIGS),
+                ("bwd_dq", "dq", _flash_attention_bwd_dq_kernel, _BWD_CONFIGS),
             ):
-                kept = [c for c in configs if _fits(c, dtype.itemsize, head_dim)] or configs[:1]
+                kept = [c for c in configs if _fits(kind, c, dtype.itemsize, head_dim)] or configs[:1]
                 entries = [
                     {**base, "CAUSAL": True, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
                     for c in kept
                 ]
                 # Non-causal attention compiles separately; its default config stands for the rest.
                 entries.append({**entries[0], "CAUSAL": False})
-                specs.append(CompileSpec(f"{OP}.{label}.{name}", kernel, _signature(kernel, dtype), entries))
+                sig = _signature(kernel, dtype)
+                entries = [{**e, **_unit_strides(sig)} for e in entries]
+                specs.append(CompileSpec(f"{OP}.{label}.{name}", kernel, sig, entries))
+            sig = _signature(_flash_attention_bwd_preprocess_kernel, dtype)
             specs.append(CompileSpec(
-                f"{OP}.bwd_preprocess.{name}", _flash_attention_bwd_preprocess_kernel,
-                _signature(_flash_attention_bwd_preprocess_kernel, dtype),
-                [dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=_PRE_BLOCK_M, num_warps=4, num_stages=2)],
+                f"{OP}.bwd_preprocess.{name}", _flash_attention_bwd_preprocess_kernel, sig,
+                [dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=_PRE_BLOCK_M, num_warps=4, num_stages=2,
+                      **_unit_strides(sig))],
             ))
     return specs
 

@@ -65,6 +65,30 @@ def test_matches_float64(dtype, B, H, Tq, Tk, D, causal, sm_scale):
     _check_against_float64(q, k, v, do, causal, sm_scale)
 
 
+# exp2 of a masked score overflows before tl.where drops it, and the rows of dK/dV for the padded
+# keys past Tk (never stored) meet inf * 0: NumPy (the interpreter) warns about both, a GPU computes
+# them silently; either way the values are discarded.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+# The non-causal negative case runs in fp16: in fp32 at |LSE| ~ 170 the half-ulp rounding of the
+# one saved LSE (5e-6 relative on a whole row of the recomputed P) is ~3x PyTorch's error, a known
+# cost of recomputing P from a saved fp32 log-sum-exp (see the module docstring); the overflow
+# hazard this case is about is the same in every dtype, since the kernel's arithmetic is fp32.
+@pytest.mark.parametrize("sign,causal,dtype", [(1.0, True, torch.float32), (-1.0, True, torch.float32),
+                                               (-1.0, False, torch.float16)])
+def test_huge_scores_are_stable(sign, causal, dtype):
+    """Every score near +-120 (e^120 overflows fp32): the online softmax must subtract the running
+    max, and the backward must not let exp2(score - LSE) overflow in the padded keys of the ragged
+    last tile (where it would meet a zero k row and give inf * 0 = NaN)."""
+    T, D = 70, 16
+    g = torch.Generator().manual_seed(3)
+    k = 1.0 + 0.1 * torch.randn(1, 1, T, D, generator=g)
+    q = sign * 30.0 * (1.0 + 0.1 * torch.randn(1, 1, T, D, generator=g))  # q.k / sqrt(D) ~ sign * 120
+    v, do = torch.randn(1, 1, T, D, generator=g), torch.randn(1, 1, T, D, generator=g)
+    q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
+    _check_against_float64(q, k, v, do, causal=causal)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_views_of_one_qkv_tensor(dtype):
     """The model's call: q, k, v are permuted views of one (B, T, 3, H, D) projection, dO is
@@ -173,3 +197,12 @@ def test_inputs_on_two_devices_raise():
     q, k, v = _bad()
     with pytest.raises(ValueError, match="one device"):
         flash_attention(q, k.to("meta"), v)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """fullgraph=True fails on any graph break: the custom ops keep the Triton launches opaque."""
+    q, k, v, do = _qkvdo(1, 2, 37, 53, 32, torch.float32, seed=4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v, causal=True), backend="aot_eager", fullgraph=True)
+    for got, want in zip(_fwd_bwd(compiled, q, k, v, do), _fwd_bwd(flash_attention, q, k, v, do, causal=True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
