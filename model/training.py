@@ -439,7 +439,8 @@ def prepare(tc: TrainConfig) -> Prepared:
         except ImportError as e:
             raise ValueError(f"--fused: the Triton kernels cannot be imported ({e})") from e
         if device.type == "cpu":
-            notes.append("note: --fused on CPU runs the Triton kernels in Triton's interpreter: slow, meant for checking")
+            notes.append("note: --fused on CPU runs the Triton kernels in Triton's interpreter: "
+                         "slow, meant for checking")
 
     # Data: the book's split (first part train, the rest validation), windows of context_length + 1.
     T = cfg.context_length
@@ -499,7 +500,8 @@ def prepare(tc: TrainConfig) -> Prepared:
                 f"(checkpoint vs now): {', '.join(diff)}"
             )
         if checkpoint["step"] >= total_steps:
-            notes.append(f"note: the checkpoint is already at step {checkpoint['step']} of {total_steps}; nothing to train")
+            notes.append(f"note: the checkpoint is already at step {checkpoint['step']} of {total_steps}; "
+                         "nothing to train")
 
     return Prepared(tc, cfg, dist, device, out, train_ds, val_ds, total_steps, warmup, min_lr,
                     steps_per_epoch, checkpoint, notes)

@@ -244,8 +244,8 @@ def test_grad_accum_matches_one_big_batch():
 def test_epochs_print_epoch_losses_with_a_constant_rate(tmp_path, capsys):
     """A miniature of the book's chapter 5 command (constant lr, dropout, stride = context)."""
     corpus = write_corpus(tmp_path / "c.txt", repeats=8)
-    args = [*MICRO, "--batch-size", "4", "--data", corpus, "--epochs", "2", "--lr", "4e-4", "--min-lr", "4e-4", "--warmup-steps", "0",
-            "--weight-decay", "0.1", "--dropout", "0.1", "--stride", "32", "--eval-every", "0",
+    args = [*MICRO, "--batch-size", "4", "--data", corpus, "--epochs", "2", "--lr", "4e-4", "--min-lr", "4e-4",
+            "--warmup-steps", "0", "--weight-decay", "0.1", "--dropout", "0.1", "--stride", "32", "--eval-every", "0",
             "--out", tmp_path / "ch5"]
     assert run_main(args) is None
     text = capsys.readouterr().out
