@@ -3,6 +3,7 @@
     python scripts/compile_report.py                          # everything, both targets
     python scripts/compile_report.py --kernel decode_attention --target sm_90
     python scripts/compile_report.py --markdown compile_report.md
+    python scripts/compile_report.py --first-config-only      # each spec's default config: minutes, not a quarter hour
 
 No GPU needed: see kernels/compile_check.py for how and why. Exits 1 if any configuration fails
 (shared memory over the target's limit, spilled registers, a compile error) or if a kernel module is
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", action="append", choices=list(cc.TARGETS),
                     help="a target to compile for (repeatable; default: all)")
     ap.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    ap.add_argument("--first-config-only", action="store_true",
+                    help="each spec's first (default) config only: what tests/test_compile.py checks in CI")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds one compile may take (default 300)")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table to FILE as Markdown")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
             print(f"[{time.time() - start:6.1f}s] {r.status:<4} {r.kernel} {r.config} {r.target}", file=sys.stderr, flush=True)
 
     report = cc.run_check(kernel=args.kernel, targets=tuple(args.target or cc.TARGETS), workers=args.workers,
-                          on_result=progress)
+                          first_config_only=args.first_config_only, timeout=args.timeout, on_result=progress)
     if not report.results:
         print(f"no kernel matches {args.kernel!r}", file=sys.stderr)
         return 2
