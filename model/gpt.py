@@ -28,6 +28,11 @@ class GPTConfig:
     drop_rate: float = 0.0
     qkv_bias: bool = False  # the book trains without; OpenAI's GPT-2 weights have one
     tie_weights: bool = False  # the book keeps a separate LM head (163M params for "124M")
+    # "gpt2": N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layers) (GPT-2, nanoGPT).
+    # "book": PyTorch's default init, as the book's code has it: N(0, 1) embeddings, Linear layers
+    # uniform in +-1/sqrt(fan_in). Its larger embeddings memorize a small corpus much sooner
+    # (chapter 5's 5,145-token run), while "gpt2" is the safer start for deep models on real data.
+    init: str = "gpt2"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -35,6 +40,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
+        if self.init not in ("gpt2", "book"):
+            raise ValueError(f"GPTConfig.init must be 'gpt2' or 'book', got {self.init!r}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
@@ -140,20 +147,21 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight  # GPT-2's weight tying: 38.6M fewer params
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds two residual branches, so shrink their output
-        # projections by 1/sqrt(2 * n_layers) to keep the residual stream's variance from growing.
-        for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.init == "gpt2":
+            self._init_gpt2_weights()
         self.use_fused_kernels(fused)
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_gpt2_weights(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # Each block adds two residual branches: shrink their output projections by
+        # 1/sqrt(2 * n_layers) to keep the residual stream's variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     def use_fused_kernels(self, fused: bool = True) -> "GPTModel":
         """Run attention, LayerNorm, bias+GELU and cross-entropy on the Triton kernels (or not)."""

@@ -91,6 +91,7 @@ class TrainConfig:
     dropout: float | None = None  # default: the preset's drop_rate
     tie_weights: bool = False
     qkv_bias: bool = False
+    init: str = "gpt2"
     progress: bool = True
 
     def check(self) -> None:
@@ -141,7 +142,7 @@ class TrainConfig:
             overrides["tie_weights"] = True
         if self.qkv_bias:
             overrides["qkv_bias"] = True
-        return GPTConfig.from_preset(self.model, **overrides)
+        return GPTConfig.from_preset(self.model, init=self.init, **overrides)
 
 
 DEFAULT_STEPS = 150  # tiny preset, batch 8 x 128 tokens: about 3 minutes on 2 CPU cores, loss ~10.8 -> ~6
@@ -693,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, help="drop_rate (default: the preset's)")
     g.add_argument("--tie-weights", action="store_true", help="share the token embedding with the output head")
     g.add_argument("--qkv-bias", action="store_true", help="biases in the q/k/v projection")
+    g.add_argument("--init", choices=("gpt2", "book"), default=d.init,
+                   help="weight init: GPT-2's N(0, 0.02), or PyTorch's defaults as in the book's code")
     g.add_argument("--fused", action="store_true", help="run on the Triton kernels (needs --dropout 0)")
     g = ap.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="a text file, a folder of .txt files, or builtin:pydoc")
