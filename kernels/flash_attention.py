@@ -82,8 +82,9 @@ Splitting dQ from dK/dV costs the recomputation of P twice but makes every outpu
 exactly one program, which is what makes atomics unnecessary.
 
 Dtypes: fp32 inputs use input_precision="ieee" dots (a GPU would otherwise use TF32 and miss fp32
-PyTorch by ~1e-3); fp16/bf16 feed tl.dot in their own dtype with fp32 accumulation, casting P and dS
-down to the input dtype before their dots, as FlashAttention does. Triton's interpreter cannot
+PyTorch by ~1e-3); Triton runs those as FMA loops, which only fit the registers with small tiles
+(see _CONFIGS_FP32). fp16/bf16 feed tl.dot in their own dtype with fp32 accumulation, casting P and
+dS down to the input dtype before their dots, as FlashAttention does. Triton's interpreter cannot
 multiply bf16 tiles, so there (only) bf16 tiles are widened to fp32 first (DOT_FP32).
 """
 
@@ -114,31 +115,33 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs K >= 16; D > 128 would need
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations. The first of each list is the one used without autotuning (and by the
-# interpreter); it is also the safest: it fits every dtype at D = 128 on sm_80's shared memory.
+# Launch configurations: autotuned on a GPU; the interpreter runs the first one.
 # ----------------------------------------------------------------------------------------------
 def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_FWD_CONFIGS = [
-    _config(64, 64, 4, 2),
-    _config(64, 64, 4, 3),
-    _config(128, 64, 8, 2),
-    _config(128, 64, 8, 3),
-    _config(64, 128, 8, 2),
-    _config(128, 128, 8, 2),
-]
-# Shared by the dK/dV and the dQ kernel (each autotunes on its own). The backward keeps more tiles
-# live than the forward (k, v, dK, dV, and P, dP, dS), so it leans on 8 warps: with 4, the D = 128
-# dK/dV kernel needs more than 255 registers a thread and spills.
-_BWD_CONFIGS = [
-    _config(64, 64, 8, 2),
-    _config(64, 64, 8, 3),
-    _config(64, 64, 4, 2),
-    _config(64, 128, 8, 2),
-    _config(128, 64, 8, 2),
-]
+# Per kernel, per dtype class; every one compiles for sm_80 with no register spills at D = 128
+# (kernels/compile_check.py), which is what rules most larger tiles out: the backward keeps more
+# tiles live than the forward (k, v, dK, dV, and P, dP, dS), so it needs 8 warps and 64 x 64.
+_CONFIGS_16BIT = {  # fp16 / bf16: tensor-core dots
+    "fwd": [_config(64, 64, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 2)],
+    "dkdv": [_config(64, 64, 8, 3)],
+    "dq": [_config(64, 64, 8, 2), _config(64, 128, 8, 2)],
+}
+# fp32 with input_precision="ieee" is an FMA loop that holds whole rows of both operands in
+# registers: at 64 x 64 it spills 7-14 KB per thread, so fp32 gets small tiles (a correctness path;
+# fast attention is fp16/bf16).
+_CONFIGS_FP32 = {
+    "fwd": [_config(16, 32, 4, 2), _config(16, 16, 4, 2)],
+    "dkdv": [_config(16, 16, 8, 2)],
+    "dq": [_config(16, 16, 4, 2)],
+}
+# What each autotuner holds: the 16-bit list first (its first config is also what the interpreter
+# runs, for every dtype), then the fp32 one; _pruner keeps the list for the dtype at hand.
+_FWD_CONFIGS = _CONFIGS_16BIT["fwd"] + _CONFIGS_FP32["fwd"]
+_DKDV_CONFIGS = _CONFIGS_16BIT["dkdv"] + _CONFIGS_FP32["dkdv"]
+_DQ_CONFIGS = _CONFIGS_16BIT["dq"] + _CONFIGS_FP32["dq"]
 _PRE_BLOCK_M = 64  # the preprocess kernel is a plain row reduction: no tuning needed
 # Retune when the head dim, the dtype (Triton adds tensor dtypes to the key), causality or the
 # sequence length's power-of-two bucket changes; not for every distinct length.
@@ -158,18 +161,20 @@ def _smem_estimate(kernel: str, config, dtype_bytes: int, block_d: int) -> int:
     return row * (2 * max(stages - 1, 1) * streamed + resident) + 2 * bm * bn * dtype_bytes
 
 
-def _fits(kernel: str, config, dtype_bytes: int, block_d: int) -> bool:
-    return _smem_estimate(kernel, config, dtype_bytes, block_d) <= SMEM_SM80
+def _configs_for(kernel: str, dtype, block_d: int) -> list:
+    """The configs the autotuner may pick for this kernel, dtype and (padded) head dim."""
+    configs = (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT)[kernel]
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    return [c for c in configs if _smem_estimate(kernel, c, dtype_bytes, block_d) <= SMEM_SM80] or configs[:1]
 
 
 def _pruner(kernel: str):
-    """Autotuner hook: drop the configs that would not fit for this dtype and head dim (fp32 at
-    D = 128 keeps only the small ones). The first config of each list fits everywhere."""
+    """Autotuner hook: keep the configs of this dtype's list that fit its shared memory."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        dtype_bytes, block_d = args["Q"].element_size(), args["BLOCK_D"]
-        return [c for c in configs if _fits(kernel, c, dtype_bytes, block_d)] or configs[:1]
+        wanted = _configs_for(kernel, args["Q"].dtype, args["BLOCK_D"])
+        return [c for c in configs if any(c is w for w in wanted)] or configs[:1]
 
     return prune
 
@@ -351,7 +356,7 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
-@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
+@autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _flash_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,  # Q/DO: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
@@ -457,7 +462,7 @@ def _bwd_dq_inner(
     return dq
 
 
-@autotune(_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
+@autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _flash_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,  # Q/DO/DQ: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides;
@@ -706,11 +711,11 @@ def _signature(kernel, dtype) -> dict:
             sig[p.name] = "*fp32"
         elif p.name == "sm_scale":
             sig[p.name] = "fp32"
-        elif p.name.startswith("stride_") and p.name.endswith("d"):
-            # The head dim is contiguous in every real call (q/k/v views of a fused QKV tensor too),
-            # and Triton's launcher specializes an integer equal to 1 into a constant. Compiling
-            # without that would leave each element its own 64-bit address: the D = 128 tiles spill.
-            sig[p.name] = "constexpr"
+        elif p.name.startswith("stride_") and not p.name.endswith("d"):
+            # Batch, head and row strides of (B, H, T, D) tensors with D a multiple of 16 (every
+            # GPT head dim, and the fused QKV views: row stride 3 * H * D) are multiples of 16,
+            # which lets each row's loads vectorise. The last-dim strides are 1 (see _unit_strides).
+            sig[p.name] = "i32:16"
         elif p.name.startswith("stride_") or p.name in ("Tq", "Tk", "SEQ_BUCKET"):
             sig[p.name] = "i32"
         else:
@@ -719,6 +724,9 @@ def _signature(kernel, dtype) -> dict:
 
 
 def _unit_strides(sig: dict) -> dict:
+    """The head dim is contiguous in every real call (views of a fused QKV tensor too), and Triton's
+    launcher turns an int equal to 1 into the constant 1: without that each element of a tile needs
+    its own 64-bit address and the D = 128 tiles spill."""
     return {n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}
 
 
@@ -728,12 +736,12 @@ def _compile_specs() -> list:
         for head_dim in (64, 128):
             name = f"{_TRITON_DTYPE[dtype]}.d{head_dim}"
             base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, DOT_FP32=False)
-            for label, kind, kernel, configs in (
-                ("fwd", "fwd", _flash_attention_fwd_kernel, _FWD_CONFIGS),
-                ("bwd_dkdv", "dkdv", _flash_attention_bwd_dkdv_kernel, _BWD_CONFIGS),
-                ("bwd_dq", "dq", _flash_attention_bwd_dq_kernel, _BWD_CONFIGS),
+            for label, kind, kernel in (
+                ("fwd", "fwd", _flash_attention_fwd_kernel),
+                ("bwd_dkdv", "dkdv", _flash_attention_bwd_dkdv_kernel),
+                ("bwd_dq", "dq", _flash_attention_bwd_dq_kernel),
             ):
-                kept = [c for c in configs if _fits(kind, c, dtype.itemsize, head_dim)] or configs[:1]
+                kept = _configs_for(kind, dtype, head_dim)
                 entries = [
                     {**base, "CAUSAL": True, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
                     for c in kept
