@@ -145,7 +145,9 @@ class TrainConfig:
         return GPTConfig.from_preset(self.model, init=self.init, **overrides)
 
 
-DEFAULT_STEPS = 150  # tiny preset, batch 8 x 128 tokens: about 3 minutes on 2 CPU cores, loss ~10.8 -> ~6
+# tiny preset, batch 8 x 128 tokens of the built-in corpus (~1.2 epochs): about 1 s a step on 2 idle CPU
+# cores; the loss falls from ln(50257) = 10.8 to ~5 (train) / ~4 (validation).
+DEFAULT_STEPS = 150
 
 
 def _flag(name: str) -> str:
