@@ -327,7 +327,7 @@ def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_sp
 _OP = "decode_attention"
 
 
-def _check_inputs(q, k_cache, v_cache, seq_lens) -> None:
+def _check_inputs(q, k_cache, v_cache, seq_lens, check_lengths: bool = True) -> None:
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("seq_lens", seq_lens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -362,7 +362,7 @@ def _check_inputs(q, k_cache, v_cache, seq_lens) -> None:
         raise ValueError(f"{_OP}: Tq = {Tq} queries per step; supported 1..{MAX_TQ} (use flash_attention for a prompt)")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{_OP}: head dim {D} is not supported; supported 1..{MAX_HEAD_DIM}")
-    if B == 0 or H == 0:
+    if B == 0 or H == 0 or not check_lengths:
         return
     lo, hi = torch.stack([seq_lens.min(), seq_lens.max()]).tolist()  # one device-to-host sync
     if lo < Tq or hi > L_max:
@@ -376,7 +376,7 @@ def _check_inputs(q, k_cache, v_cache, seq_lens) -> None:
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
-def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None):
+def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None, check_lengths: bool = True):
     """Causal attention of a few new queries against a KV cache, per-sequence lengths (inference only).
 
     q: (B, H, Tq, D) with 1 <= Tq <= 16; k_cache, v_cache: (B, H, L_max, D) (strided views are fine);
@@ -384,8 +384,12 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None):
     last Tq of them the queries' own; query t sits at position seq_lens[b] - Tq + t and sees keys
     j <= that position. Everything from seq_lens[b] on is ignored. sm_scale defaults to 1/sqrt(D).
     Returns (B, H, Tq, D) in q's dtype. Not differentiable: refuses inputs that require grad.
+
+    check_lengths=False skips the range check of seq_lens, the one device-to-host sync here: for
+    callers that validated the lengths already (the model's KV cache checks its positions once per
+    step, not once per layer), so that a decode step can run without a sync (and inside a CUDA graph).
     """
-    _check_inputs(q, k_cache, v_cache, seq_lens)
+    _check_inputs(q, k_cache, v_cache, seq_lens, check_lengths)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not math.isfinite(scale):
         raise ValueError(f"{_OP}: sm_scale must be finite, got {sm_scale}")

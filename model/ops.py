@@ -74,7 +74,8 @@ class FusedOps:
         return _kernels().flash_attention(q, k, v, causal=causal)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
-        return _kernels().decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=sm_scale)
+        # The KV cache has checked the lengths once for this step: no device-to-host sync per layer.
+        return _kernels().decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=sm_scale, check_lengths=False)
 
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
         return _kernels().layer_norm(x, weight, bias, eps)

@@ -61,6 +61,14 @@ def test_matches_reference(dtype, Tq, D):
     _check(f"decode {dtype} Tq={Tq} D={D}", out, q, k, v, seq_lens)
 
 
+def test_unchecked_lengths_give_the_same_answer():
+    """check_lengths=False (the KV cache validated them) skips only the host-side range check."""
+    q, k, v, seq_lens = _make(2, 2, 1, 64, 40, [1, 33], torch.float32)
+    torch.testing.assert_close(
+        decode_attention(q, k, v, seq_lens, check_lengths=False), decode_attention(q, k, v, seq_lens), rtol=0, atol=0
+    )
+
+
 @pytest.mark.parametrize("Tq", [1, 3])
 def test_split_counts_give_the_same_answer(Tq):
     """One split (nothing to combine), several (uneven: 3 blocks over 2), more splits than key blocks
