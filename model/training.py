@@ -683,12 +683,22 @@ def train(tc: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or the flag is an on/off switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     ap = argparse.ArgumentParser(
         prog="train.py",
         description="Pretrain the GPT (the book's chapter 5, appendix D's schedule). Runs under torchrun for DDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = ap.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"preset: {', '.join(PRESETS)}")
@@ -697,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tie-weights", action="store_true", help="share the token embedding with the output head")
     g.add_argument("--qkv-bias", action="store_true", help="biases in the q/k/v projection")
     g.add_argument("--init", choices=("gpt2", "book"), default=d.init,
-                   help="weight init: GPT-2's N(0, 0.02), or PyTorch's defaults as in the book's code")
+                   help="weight init: gpt2 (N(0, 0.02), the default) or book (PyTorch's init, as in the book's code)")
     g.add_argument("--fused", action="store_true", help="run on the Triton kernels (needs --dropout 0)")
     g = ap.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="a text file, a folder of .txt files, or builtin:pydoc")
