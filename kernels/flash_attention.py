@@ -121,19 +121,19 @@ def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Per kernel, per dtype class; every one compiles for sm_80 with no register spills at D = 128
-# (kernels/compile_check.py), which is what rules most larger tiles out: the backward keeps more
-# tiles live than the forward (k, v, dK, dV, and P, dP, dS), so it needs 8 warps and 64 x 64.
+# Per kernel, per dtype class; every one compiles for sm_80 and sm_90 at D = 64 and 128 with no
+# register spills (kernels/compile_check.py), which is what rules most larger tiles out: the
+# backward keeps more tiles live than the forward (k, v, dK, dV, and P, dP, dS).
 _CONFIGS_16BIT = {  # fp16 / bf16: tensor-core dots
     "fwd": [_config(64, 64, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 2)],
     "dkdv": [_config(64, 64, 8, 3)],
-    "dq": [_config(64, 64, 8, 2), _config(64, 128, 8, 2)],
+    "dq": [_config(64, 32, 4, 2), _config(64, 32, 4, 3)],
 }
 # fp32 with input_precision="ieee" is an FMA loop that holds whole rows of both operands in
 # registers: at 64 x 64 it spills 7-14 KB per thread, so fp32 gets small tiles (a correctness path;
 # fast attention is fp16/bf16).
 _CONFIGS_FP32 = {
-    "fwd": [_config(16, 32, 4, 2), _config(16, 16, 4, 2)],
+    "fwd": [_config(16, 16, 8, 2)],
     "dkdv": [_config(16, 16, 8, 2)],
     "dq": [_config(16, 16, 4, 2)],
 }
@@ -278,7 +278,7 @@ def _flash_attention_fwd_kernel(
                                offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
                                HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
 
-    o = acc / l_i[:, None]
+    o = acc * (1.0 / l_i)[:, None]  # BLOCK_M divisions, not BLOCK_M x BLOCK_D
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + offs_m, m_i + tl.log2(l_i), mask=row_ok)  # log2 units
