@@ -171,10 +171,13 @@ def _configs_for(kernel: str, dtype, block_d: int) -> list:
 def _pruner(kernel: str):
     """Autotuner hook: keep the configs of this dtype's list that fit its shared memory."""
 
+    def key(c):  # by value: an autotuner may hold copies of our Config objects
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = _configs_for(kernel, args["Q"].dtype, args["BLOCK_D"])
-        return [c for c in configs if any(c is w for w in wanted)] or configs[:1]
+        wanted = {key(c) for c in _configs_for(kernel, args["Q"].dtype, args["BLOCK_D"])}
+        return [c for c in configs if key(c) in wanted] or configs[:1]
 
     return prune
 

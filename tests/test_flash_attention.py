@@ -8,11 +8,13 @@ import torch
 
 from kernels import reference
 from kernels.flash_attention import (
+    COMPILE_SPECS,
     _DKDV_CONFIGS,
     _DQ_CONFIGS,
     _FWD_CONFIGS,
     _flash_attention_bwd,
     _flash_attention_fwd,
+    _pruner,
     flash_attention,
 )
 from kernels.testing import assert_close_to_reference, poison_
@@ -150,6 +152,22 @@ def test_every_block_shape_writes_every_output(causal):
         _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
         for name, got, want, ref in zip(("dq", "dk", "dv"), grads, exact[1:], base[1:]):
             assert_close_to_reference(f"{name} {bm}x{bn}", got, want, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_autotuner_picks_only_what_compile_specs_list(dtype, head_dim):
+    """On a GPU the autotuner prunes its list per dtype and head dim; what survives must be exactly
+    the configs COMPILE_SPECS declares (and compile_check builds) for that kernel and dtype."""
+    q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    for kind, configs in (("fwd", _FWD_CONFIGS), ("dkdv", _DKDV_CONFIGS), ("dq", _DQ_CONFIGS)):
+        kept = _pruner(kind)(list(configs), {"Q": q}, BLOCK_D=head_dim)
+        picked = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        label = "fwd" if kind == "fwd" else f"bwd_{kind}"
+        spec = next(s for s in COMPILE_SPECS if s.name == f"flash_attention.{label}.{name}.d{head_dim}")
+        listed = {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in spec.configs}
+        assert picked == listed, (kind, picked, listed)
 
 
 def test_zero_batch_returns_empty():
