@@ -301,3 +301,16 @@ def test_ddp_two_processes_match_single_process_on_the_same_global_batch(tmp_pat
         torch.testing.assert_close(w0[name], w, rtol=1e-4, atol=1e-5, msg=name)
     ckpt = torch.load(ddp_out / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2  # both ranks' random streams, for resume
+
+
+def test_fused_training_matches_the_pytorch_run(tmp_path, capsys):
+    """`--fused` trains on the Triton kernels (interpreted here) with the PyTorch run's losses."""
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    common = [*MICRO, "--data", corpus, "--steps", "3", "--eval-every", "0", "--dropout", "0"]
+    assert run_main([*common, "--out", tmp_path / "torch"]) is None
+    assert run_main([*common, "--fused", "--out", tmp_path / "fused"]) is None
+    assert "interpreter" in capsys.readouterr().out.lower()  # the one-line notice that this path is slow
+    ref, fused = rows(tmp_path / "torch"), rows(tmp_path / "fused")
+    assert len(ref) == len(fused) == 3
+    for r, f in zip(ref, fused):
+        assert math.isclose(f["train_loss"], r["train_loss"], rel_tol=1e-4), (r, f)
