@@ -16,6 +16,7 @@ import torch
 
 from bench_util import device_name, peak_memory, sig, time_call
 from model import GPTConfig, GPTModel
+from model.generate import generate
 
 PRESET = "gpt2-124M"
 BATCHES = [1, 8] if torch.cuda.is_available() else [1]
@@ -32,10 +33,6 @@ def shape(device: torch.device, quick: bool) -> tuple[int, int]:
 def gpt2(device):
     """One gpt2-124M for every generation bench (weights do not change speed); the tests switch it
     between the PyTorch path and the kernels."""
-    try:
-        from model.generate import generate  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"model.generate is not available: {err}")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
@@ -44,8 +41,6 @@ def gpt2(device):
 
 
 def measure_generate(model, impl, use_cache, batch, device, quick, benchmark=None) -> dict:
-    from model.generate import generate
-
     model.use_fused_kernels(impl == "fused")
     n_prompt, n_new = shape(device, quick)
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, n_prompt), device=device)
