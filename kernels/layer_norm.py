@@ -7,7 +7,7 @@ For one row x of width N (the embedding, C = 768 ... 1600 in GPT-2), with learne
     mean = (1/N) sum_j x_j,    var = (1/N) sum_j (x_j - mean)^2,    rstd = 1 / sqrt(var + eps)
     xhat = (x - mean) * rstd,  y = xhat * w + b
 
-A whole row (N <= MAX_N = 8192) fits in one program's registers, so the forward reads x once,
+A whole row (N <= MAX_N = 4096) fits in one program's registers, so the forward reads x once,
 computes the mean, then the variance from the centred values already in registers (two-pass, exact;
 the one-pass E[x^2] - E[x]^2 cancels catastrophically for rows with a large mean), and writes y. It
 also writes mean and rstd (fp32, 8 bytes a row) so that the backward need not reduce the row again.
@@ -90,7 +90,7 @@ def _layer_norm_fwd_kernel(
     eps,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: M * N passes 2^31 at 262,144 rows of width 8192
+    row = tl.program_id(0).to(tl.int64)  # int64: M * N passes 2^31 at 524,288 rows of width 4096
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -151,11 +151,12 @@ def _layer_norm_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 # One program holds a whole row: BLOCK_N = next power of 2 >= N, with the warps growing with the row
-# (BLOCK_N / 256, at most 16). Register budget, from ptxas for sm_80: at BLOCK_N = 8192 the backward
-# (x, dY, w and the two dW/dB accumulators, 16 fp32 values each per thread) uses 128 registers, the
-# most a 16-warp program may have; at 16384 it spills. So MAX_N = 8192, five times GPT-2's widest
-# row (1600); a wider row is refused rather than silently slowed by spills.
-MIN_BLOCK_N, MAX_N = 16, 8192
+# (BLOCK_N / 256, at most 16). Register budget: at BLOCK_N = 8192 the backward holds x, dY, w and the
+# two dW/dB accumulators, 16 fp32 values each per thread, at the 128-register cap of a 16-warp
+# program, and the compile check (kernels/compile_check.py) finds it spilling 24-96 bytes per thread
+# on sm_80 and sm_90. So MAX_N = 4096, 2.5x GPT-2's widest row (1600); a wider row is refused
+# rather than silently slowed by spills.
+MIN_BLOCK_N, MAX_N = 16, 4096
 # Row groups for dW/dB: 2 per SM (264 on an H100), fewer than bias_gelu's 4, because each group
 # costs a 2N-wide fp32 row of partial sums written and read back, and a LayerNorm row is short.
 GROUPS_PER_SM = 2
@@ -243,13 +244,13 @@ class LayerNormFunction(torch.autograd.Function):
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm(x, (N,), weight, bias, eps) over the last dim N of x (any leading shape, any
-    strides, 1 <= N <= 8192). weight and bias are (N,), fp32 or x's dtype; the output has x's dtype;
+    strides, 1 <= N <= 4096). weight and bias are (N,), fp32 or x's dtype; the output has x's dtype;
     statistics and accumulation are fp32. Gradients flow to x, weight and bias, each in its own dtype."""
     return LayerNormFunction.apply(x, weight, bias, eps)
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 8192 (num_warps
+# Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
 # 1 ... 16), per input dtype with fp32 weight and bias (the model's parameters are fp32). The dW/dB
 # reduction is `bias_gelu`'s `_sum_partials_kernel`, listed in its COMPILE_SPECS.
 # ----------------------------------------------------------------------------------------------
