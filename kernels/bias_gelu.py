@@ -285,15 +285,41 @@ def _check_inputs(x, bias):
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
+# The launchers as PyTorch custom ops, as in flash_attention: torch.compile cannot trace into a
+# Triton launch, but it can treat an op it knows only by its output shapes (the fake implementations)
+# as opaque, so a compiled model runs BiasGeluFunction without a graph break.
+@torch.library.custom_op("gpt_triton::bias_gelu_fwd", mutates_args=(), schema="(Tensor x2, Tensor bias) -> Tensor")
+def _bias_gelu_fwd_op(x2, bias):
+    y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    _bias_gelu_fwd(x2, bias, y)
+    return y
+
+
+@_bias_gelu_fwd_op.register_fake
+def _(x2, bias):
+    return x2.new_empty(x2.shape)
+
+
+@torch.library.custom_op(
+    "gpt_triton::bias_gelu_bwd", mutates_args=(), schema="(Tensor dy2, Tensor x2, Tensor bias) -> (Tensor, Tensor)"
+)
+def _bias_gelu_bwd_op(dy2, x2, bias):
+    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    return dx, _bias_gelu_bwd(dy2, x2, bias, dx)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy2, x2, bias):
+    return x2.new_empty(x2.shape), torch.empty_like(bias)
+
+
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias):
         _check_inputs(x, bias)
-        N = x.shape[-1]
-        x2 = _as_rows(x, N)
+        x2 = _as_rows(x, x.shape[-1])
         bias = bias.contiguous()
-        y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        _bias_gelu_fwd(x2, bias, y)
+        y = _bias_gelu_fwd_op(x2, bias)
         ctx.save_for_backward(x2, bias)  # the input only: z, u and s are recomputed in backward
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -302,9 +328,7 @@ class BiasGeluFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x2, bias = ctx.saved_tensors
-        dy2 = _as_rows(dy, x2.shape[1])
-        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        dbias = _bias_gelu_bwd(dy2, x2, bias, dx)
+        dx, dbias = _bias_gelu_bwd_op(_as_rows(dy, x2.shape[1]), x2, bias)
         return dx.view(ctx.x_shape), dbias
 
 

@@ -191,7 +191,8 @@ def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype):
             **_launch_config(N),
         )
     dwdb = _sum_partials(partial, torch.float32)  # (2N,): one reduction launch for both gradients
-    return dwdb[:N].to(weight_dtype), dwdb[N:].to(bias_dtype)
+    # copy=True: two separate tensors, not views of one buffer (a custom op's outputs may not alias).
+    return dwdb[:N].to(weight_dtype, copy=True), dwdb[N:].to(bias_dtype, copy=True)
 
 
 def _check_inputs(x, weight, bias, eps):
@@ -217,17 +218,51 @@ def _check_inputs(x, weight, bias, eps):
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
+# The launchers as PyTorch custom ops, as in flash_attention: torch.compile cannot trace into a
+# Triton launch, but it can treat an op it knows only by its output shapes (the fake implementations)
+# as opaque, so a compiled model runs LayerNormFunction without a graph break.
+@torch.library.custom_op(
+    "gpt_triton::layer_norm_fwd", mutates_args=(),
+    schema="(Tensor x2, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
+)
+def _layer_norm_fwd_op(x2, weight, bias, eps):
+    y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+    rstd = torch.empty_like(mean)
+    _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd)
+    return y, mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x2, weight, bias, eps):
+    M = x2.shape[0]
+    return x2.new_empty(x2.shape), x2.new_empty(M, dtype=torch.float32), x2.new_empty(M, dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "gpt_triton::layer_norm_bwd", mutates_args=(),
+    schema="(Tensor dy2, Tensor x2, Tensor weight, Tensor mean, Tensor rstd, ScalarType bias_dtype)"
+    " -> (Tensor, Tensor, Tensor)",
+)
+def _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, bias_dtype):
+    dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype)
+    return dx, dw, db
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy2, x2, weight, mean, rstd, bias_dtype):
+    N = x2.shape[1]
+    return x2.new_empty(x2.shape), weight.new_empty(N), weight.new_empty(N, dtype=bias_dtype)
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps=1e-5):
         _check_inputs(x, weight, bias, eps)
-        N = x.shape[-1]
-        x2 = _as_rows(x, N)
+        x2 = _as_rows(x, x.shape[-1])
         weight, bias = weight.contiguous(), bias.contiguous()
-        y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        _layer_norm_fwd(x2, weight, bias, float(eps), y, mean, rstd)
+        y, mean, rstd = _layer_norm_fwd_op(x2, weight, bias, float(eps))
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
         return y.view(x.shape)
@@ -237,8 +272,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         dy2 = _as_rows(dy, x2.shape[1])
-        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, ctx.bias_dtype)
+        dx, dw, db = _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, ctx.bias_dtype)
         return dx.view(ctx.x_shape), dw, db, None
 
 
