@@ -143,11 +143,9 @@ def stream_generate(
     pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
         raise ValueError(f"prefill_chunk_size must be a positive int, got {prefill_chunk_size!r}")
-    if cuda_graph and (device.type != "cuda" or not use_cache or model.fused):
+    if cuda_graph and (device.type != "cuda" or not use_cache):
         raise ValueError(
-            "cuda_graph needs a CUDA device, the KV cache and the PyTorch path (the fused decode kernel "
-            f"checks its lengths on the host, which a graph cannot); got device={device.type}, "
-            f"use_cache={use_cache}, fused={model.fused}"
+            f"cuda_graph needs a CUDA device and the KV cache; got device={device.type}, use_cache={use_cache}"
         )
     return _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad,
                   use_cache, generator, prefill_chunk_size, cuda_graph)
@@ -160,7 +158,10 @@ class _GraphedDecodeStep:
     run time; a graph replays them all with one launch. Everything a graph touches must keep its
     address, so the step reads its inputs from (and writes its logits to) static tensors, and the
     cache buffers are preallocated already. Nothing in the step may read a value on the host
-    (`KVCaches.check` skips itself during the capture; the lengths were checked up front).
+    (`KVCaches.check` skips itself during the capture; the lengths were checked up front). That holds
+    on both paths: the fused one's decode kernel leaves the length check to the cache
+    (`FusedOps.decode_attention`), and its other kernels pick their launch configurations from
+    shapes alone, so a replay launches the very kernels the capture recorded.
     """
 
     def __init__(self, model, cache, tok, lens):
@@ -256,7 +257,7 @@ def generate(
     Raises ValueError if a prompt plus `max_new_tokens` would not fit the context length (nothing
     is cropped silently). `use_cache=False` re-runs the whole prefix every step (the reference);
     `prefill_chunk_size` runs the prompt through the cache in chunks; `cuda_graph` replays each
-    decode step as one CUDA graph (CUDA, KV cache and PyTorch path only).
+    decode step as one CUDA graph (CUDA and the KV cache; either path).
 
     Returns the same kind as `idx`: a (B, T + n) tensor (prompt then new tokens, n <= max_new_tokens),
     or a list of token-id lists (each prompt then its own new tokens, stopping at eos).

@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--fused", action="store_true", help="run on the Triton kernels")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix every step (no KV cache)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each decode step as one CUDA graph (CUDA, KV cache, PyTorch path only)")
+                   help="replay each decode step as one CUDA graph (needs CUDA and the KV cache)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     return p.parse_args(argv)

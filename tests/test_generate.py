@@ -207,6 +207,17 @@ def test_bad_generation_arguments():
             generate(m, x, 2, cuda_graph=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_cuda_graph_decode_gives_the_tokens_of_plain_decode(fused):
+    """The graphed step replays the same kernels on the same cache: the same tokens, greedy and
+    sampled, for a ragged batch (per-sequence positions read from the graph's static inputs)."""
+    m = make_model(fused=fused).cuda()
+    for kwargs in ({}, {"temperature": 1.0, "top_k": 20, "seed": 3}):
+        plain = generate(m, PROMPTS, 12, **kwargs)
+        assert generate(m, PROMPTS, 12, cuda_graph=True, **kwargs) == plain
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and stopping
 # ----------------------------------------------------------------------------------------------
