@@ -1,8 +1,11 @@
 """Turn `pytest bench/ --benchmark-json FILE` output into a markdown report and PNG plots.
 
     python scripts/bench_report.py bench/results/<device>-<date>/bench.json [--out DIR]
+    python scripts/bench_report.py part1.json part2.json ... --out DIR   # one session run in parts
 
-Writes DIR/report.md (default: the JSON's folder) and, per kernel and pass, DIR/<kernel>_<pass>.png:
+Several files (a session split into runs that each fit a time limit, e.g. `BENCH_ARGS="-k attention"`)
+are merged into one report; they must come from the same device. Writes DIR/report.md (default: the
+first JSON's folder) and, per kernel and pass, DIR/<kernel>_<pass>.png:
 throughput (TFLOP/s or GB/s) against size, one line per implementation, like the plots of the
 Triton tutorials. Reads only what the benches put in `extra_info` (see bench/bench_util.py):
 
@@ -32,6 +35,23 @@ def load(path: Path) -> dict:
     if "benchmarks" not in data:
         raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' key)")
     return data
+
+
+def merge(parts: list[tuple[Path, dict]]) -> dict:
+    """One report's data from several runs of the same session: their benchmarks together, the
+    first run's facts. Runs on different devices are refused: their numbers must not share a table."""
+    (first_path, first), rest = parts[0], parts[1:]
+    device = (first.get("machine_info") or {}).get("device", "")
+    for path, data in rest:
+        other = (data.get("machine_info") or {}).get("device", "")
+        if other != device:
+            raise ValueError(f"{path} was measured on {other or 'an unnamed device'!r} but {first_path} on "
+                             f"{device or 'an unnamed device'!r}; report each device on its own")
+    commits = {(d.get("commit_info") or {}).get("id") for _, d in parts} - {None}
+    merged = {**first, "benchmarks": [b for _, d in parts for b in d["benchmarks"]]}
+    if len(commits) > 1:
+        merged["commit_info"] = {**(first.get("commit_info") or {}), "id": ", ".join(sorted(commits))}
+    return merged
 
 
 def kernel_series(benchmarks: list[dict]) -> dict:
@@ -174,15 +194,16 @@ def report(data: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", type=Path, help="output of pytest bench/ --benchmark-json FILE")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: the JSON's folder)")
+    ap.add_argument("json", type=Path, nargs="+",
+                    help="output of pytest bench/ --benchmark-json FILE (several: parts of one session)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: the first JSON's folder)")
     args = ap.parse_args(argv)
     try:
-        data = load(args.json)
+        data = merge([(p, load(p)) for p in args.json])
     except (OSError, ValueError) as err:
         print(f"bench_report: {err}", file=sys.stderr)
         return 2
-    path = report(data, args.out or args.json.parent)
+    path = report(data, args.out or args.json[0].parent)
     print(path)
     return 0
 

@@ -101,3 +101,33 @@ def test_report_handles_empty_and_rejects_foreign_json(tmp_path, capsys):
     assert "not a pytest-benchmark JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_report.main([])
+
+
+def test_parts_of_one_session_merge_and_devices_do_not(tmp_path, capsys):
+    """A session benched in several runs (each within a time limit) gives one report; runs on two
+    devices are refused rather than put in one table."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+    whole = tmp_path / "whole.json"
+    _write_json(whole)
+    data = json.loads(whole.read_text())
+    kernels, e2e = data["benchmarks"][:4], data["benchmarks"][4:]
+    paths = []
+    for i, (part, commit) in enumerate([(kernels, "abc123"), (e2e, "def456")]):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps({**data, "benchmarks": part, "commit_info": {"id": commit}}))
+    assert bench_report.main([*map(str, paths), "--out", str(tmp_path / "merged")]) == 0
+    md = (tmp_path / "merged" / "report.md").read_text()
+    assert "| 2048 | 201 | 229.7 | 0.875 | 31 | 12 | 16 |" in md  # from part 0
+    assert "| torch | yes | 1 | 200 | 38.5 | 9.06 |" in md  # from part 1
+    assert "commit: abc123, def456" in md
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**data, "machine_info": {"device": "NVIDIA A100-SXM4-80GB"}}))
+    assert bench_report.main([str(paths[0]), str(other), "--out", str(tmp_path / "no")]) == 2
+    assert "report each device on its own" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
