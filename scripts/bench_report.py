@@ -24,7 +24,7 @@ from pathlib import Path
 OURS = "triton"  # the implementation whose ratios to the baselines the tables show
 # Columns of the end-to-end tables, in this order when present (any other extra_info key follows).
 E2E_COLUMNS = [
-    "impl", "kv_cache", "batch", "seq_len", "prompt_tokens", "new_tokens", "dtype", "tokens_per_s",
+    "impl", "kv_cache", "cuda_graph", "batch", "seq_len", "prompt_tokens", "new_tokens", "dtype", "tokens_per_s",
     "step_ms", "seconds", "model_tflops", "mfu", "peak_mem_mb",
 ]
 E2E_HIDDEN = {"bench", "model", "device", "quick", "peak_bf16_tflops"}
