@@ -109,3 +109,79 @@ def cast_for_store(x, DTYPE: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # round half to even at bit 16
         x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-wise launches: what bias_gelu and layer_norm (and their backward reductions) share.
+# ----------------------------------------------------------------------------------------------
+NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
+# Off-GPU the number of row groups of a race-free column sum is arbitrary; a handful keeps the
+# interpreter fast and still exercises the reduction (several groups, the last one short).
+INTERPRETER_PROGRAMS = 4
+
+
+def _num_programs(device: torch.device, per_sm: int) -> int:
+    """per_sm programs for every SM of device's GPU (INTERPRETER_PROGRAMS off-GPU)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride and any row stride. `reshape` is a view whenever
+    the rows are evenly spaced (a contiguous tensor, a column slice of a wider one, an expanded
+    gradient); it copies only when they are not (e.g. a permuted 3-D tensor). Columns must be unit
+    stride for coalesced, vectorized loads; a tensor whose last dim is strided is copied once."""
+    t2 = t.reshape(-1, N)
+    return t2 if t2.stride(1) == 1 or N == 1 else t2.contiguous()
+
+
+# Column sums without atomics (taught in bias_gelu.py): each program of a backward writes its group
+# of rows' partial sums as one row of an (n_groups, N) fp32 buffer, and this kernel adds the rows up
+# in a fixed order, so the answer is the same bit for bit on every run. Its CompileSpecs are
+# SUM_PARTIALS_COMPILE_SPECS, listed once, in bias_gelu.COMPILE_SPECS.
+@triton.jit
+def _sum_partials_kernel(
+    PARTIAL,  # (n_groups, N) fp32, contiguous
+    OUT,  # (N,) any float dtype
+    n_groups,
+    N,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per BLOCK_N columns, walking down all n_groups rows: a fixed order, so a fixed answer.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g in range(0, n_groups, BLOCK_G):
+        grp = g + tl.arange(0, BLOCK_G)
+        mask = (grp[:, None] < n_groups) & col_ok[None, :]
+        acc += tl.load(PARTIAL + grp[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, cast_for_store(tl.sum(acc, axis=0), OUT.dtype.element_ty), mask=col_ok)
+
+
+# 32 groups x 128 columns per step, 8 warps.
+_SUM_PARTIALS_CONFIG = {"BLOCK_G": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": NUM_STAGES}
+
+
+def _sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n_groups, N) fp32 -> (N,) column sums in `dtype`."""
+    n_groups, N = partial.shape
+    out = torch.empty(N, dtype=dtype, device=partial.device)
+    with device_guard(partial.device):
+        _sum_partials_kernel[(triton.cdiv(N, _SUM_PARTIALS_CONFIG["BLOCK_N"]),)](
+            partial, out, n_groups, N, **_SUM_PARTIALS_CONFIG
+        )
+    return out
+
+
+SUM_PARTIALS_COMPILE_SPECS = [
+    CompileSpec(
+        name=f"sum_partials.{ty}",
+        kernel=_sum_partials_kernel,
+        signature={"PARTIAL": "*fp32", "OUT": f"*{ty}", "n_groups": "i32", "N": "i32",
+                   "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
+        configs=[_SUM_PARTIALS_CONFIG],
+    )
+    for ty in ("fp32", "fp16", "bf16")
+]

@@ -38,8 +38,8 @@ dBias without races
 Many programs own the same columns (different rows), so they cannot all add into one (N,) vector
 without atomics, and fp32 atomics make the sum's rounding depend on scheduling (non-deterministic).
 Instead each program sums its own group of rows into a row of a (n_groups, N) fp32 buffer, and a
-second, tiny kernel (`_sum_partials_kernel`) adds up the n_groups rows in a fixed order. The answer
-is the same bit for bit on every run. `layer_norm.py` reuses the same kernel for dW and dB.
+second, tiny kernel (`_sum_partials_kernel`, in `_common.py`) adds up the n_groups rows in a fixed
+order. The answer is the same bit for bit on every run. `layer_norm.py` reuses it for dW and dB.
 
 Memory traffic (GPT-2 124M, B*T = 8192 rows, N = 4C = 3072, bf16: one (8192, 3072) tensor = 50.3 MB)
 -----------------------------------------------------------------------------------------------------
@@ -65,7 +65,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    NUM_STAGES,
+    SUM_PARTIALS_COMPILE_SPECS,
     CompileSpec,
+    _as_rows,
+    _num_programs,
+    _sum_partials,
     cast_for_store,
     check_device,
     check_dtype,
@@ -160,26 +165,6 @@ def _bias_gelu_bwd_kernel(
     tl.store(DBIAS_PARTIAL + group * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    PARTIAL,  # (n_groups, N) fp32, contiguous
-    OUT,  # (N,) any float dtype
-    n_groups,
-    N,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program per BLOCK_N columns, walking down all n_groups rows: a fixed order, so a fixed answer.
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
-    for g in range(0, n_groups, BLOCK_G):
-        grp = g + tl.arange(0, BLOCK_G)
-        mask = (grp[:, None] < n_groups) & col_ok[None, :]
-        acc += tl.load(PARTIAL + grp[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(OUT + cols, cast_for_store(tl.sum(acc, axis=0), OUT.dtype.element_ty), mask=col_ok)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -190,48 +175,14 @@ def _sum_partials_kernel(
 TILE = 2048
 MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
 NUM_WARPS = 8
-NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
-# The partial-sum reduction: 32 groups x 128 columns per step.
-SUM_BLOCK_G, SUM_BLOCK_N = 32, 128
-
 # Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
 # enough that the (n_groups, N) fp32 buffer of partial sums stays a small fraction of the traffic.
-# Off-GPU the count is arbitrary; a handful of groups keeps the interpreter fast and still exercises
-# the reduction (several groups, the last one short).
 PROGRAMS_PER_SM = 4
-INTERPRETER_PROGRAMS = 4
-
-
-def _num_programs(device: torch.device, per_sm: int) -> int:
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_PROGRAMS
 
 
 def _launch_config(N: int) -> dict:
     block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
     return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-
-
-def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
-    """(..., N) -> (M, N) with unit column stride and any row stride. `reshape` is a view whenever
-    the rows are evenly spaced (a contiguous tensor, a column slice of a wider one, an expanded
-    gradient); it copies only when they are not (e.g. a permuted 3-D tensor). Columns must be unit
-    stride for coalesced, vectorized loads; a tensor whose last dim is strided is copied once."""
-    t2 = t.reshape(-1, N)
-    return t2 if t2.stride(1) == 1 or N == 1 else t2.contiguous()
-
-
-def _sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(n_groups, N) fp32 -> (N,) column sums in `dtype`."""
-    n_groups, N = partial.shape
-    out = torch.empty(N, dtype=dtype, device=partial.device)
-    with device_guard(partial.device):
-        _sum_partials_kernel[(triton.cdiv(N, SUM_BLOCK_N),)](
-            partial, out, n_groups, N,
-            BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
-    return out
 
 
 def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
@@ -370,13 +321,4 @@ COMPILE_SPECS = [
             configs=_CONFIGS,
         ),
     )
-] + [
-    CompileSpec(
-        name=f"sum_partials.{ty}",
-        kernel=_sum_partials_kernel,
-        signature={"PARTIAL": "*fp32", "OUT": f"*{ty}", "n_groups": "i32", "N": "i32",
-                   "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
-        configs=[{"BLOCK_G": SUM_BLOCK_G, "BLOCK_N": SUM_BLOCK_N, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}],
-    )
-    for ty in ("fp32", "fp16", "bf16")
-]
+] + SUM_PARTIALS_COMPILE_SPECS  # the shared dBias/dW reduction (kernels/_common.py), listed here once

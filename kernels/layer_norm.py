@@ -35,7 +35,7 @@ Every row contributes to every column of dW, so row-programs cannot all add into
 without atomics (or the Triton tutorial's locks), and fp32 atomics make the rounding depend on
 which program got there first. Here each program owns a contiguous group of rows, keeps its running
 dY * xhat and dY in fp32 registers while it walks them, and writes one row of a (n_groups, 2N) fp32
-buffer (dW partials, then dB partials). `bias_gelu._sum_partials_kernel` then adds the n_groups rows
+buffer (dW partials, then dB partials). `_common._sum_partials_kernel` then adds the n_groups rows
 up in a fixed order: deterministic, and the extra traffic is 2 x n_groups x 2N x 4 B.
 
 Memory traffic (GPT-2 124M, B*T = 8192 rows, C = 768, bf16: one (8192, 768) tensor = 12.6 MB)
@@ -59,14 +59,17 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    NUM_STAGES,
     CompileSpec,
+    _as_rows,
+    _num_programs,
+    _sum_partials,
     cast_for_store,
     check_device,
     check_dtype,
     device_guard,
     next_power_of_2,
 )
-from kernels.bias_gelu import NUM_STAGES, _as_rows, _num_programs, _sum_partials
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -286,7 +289,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 # ----------------------------------------------------------------------------------------------
 # Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
 # 1 ... 16), per input dtype with fp32 weight and bias (the model's parameters are fp32). The dW/dB
-# reduction is `bias_gelu`'s `_sum_partials_kernel`, listed in its COMPILE_SPECS.
+# reduction is `_common._sum_partials_kernel`, listed once, in bias_gelu's COMPILE_SPECS.
 # ----------------------------------------------------------------------------------------------
 _CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_N)) + 1)]
 
