@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One GPU session, one command: every test, every benchmark (--benchmark-json), the compile report
-# and the benchmark report, written together to <root>/<device>-<date>/:
+# One GPU session, one command: every test, every benchmark (--benchmark-json), the compile report,
+# the user-facing commands on CUDA and the benchmark report, written together to <root>/<device>-<date>/:
 #
 #   scripts/gpu_session.sh              # -> bench/results/nvidia-h100-80gb-hbm3-2026-01-02/
 #   scripts/gpu_session.sh "$OUT"       # on a borrowed machine: -> $OUT/<device>-<date>/, to copy back
 #
 # Files: env.txt (date, commit, device, python/torch/CUDA/triton versions, nvidia-smi), tests.log,
-# bench.log + bench.json, compile_report.txt + .md, report.md + *.png (scripts/bench_report.py), and
-# summary.txt (each step's exit status). A failing step does not stop the later ones; the script
+# bench.log + bench.json, compile_report.txt + .md, train_{torch,fused}.log and
+# generate_{torch,fused}.log (the cli step: scripts/train.py, PyTorch and --fused, gpt2-124M bf16, then
+# scripts/generate.py --cuda-graph on the model it trained), report.md + *.png
+# (scripts/bench_report.py), and summary.txt (each step's exit status). A failing step does not stop the later ones; the script
 # exits non-zero if any step failed. Commit the folder under bench/results/ (see its README.md).
 #
-# Environment: STEPS (default "tests bench compile report": run a subset, e.g. STEPS="bench report"),
+# Environment: STEPS (default "tests bench compile cli report": run a subset, e.g. STEPS="bench report";
+# with a per-command time limit run them in parts, see bench/results/README.md),
 # BENCH_ARGS (extra pytest arguments for the bench step, e.g. BENCH_ARGS="-k attention"),
 # PYTHON (default python), ALLOW_CPU=1 (run without a GPU, to try the script; the result folder is
 # then named cpu-<date> and holds CPU numbers).
@@ -19,13 +22,13 @@ cd "$(dirname "$0")/.."
 
 root="${1:-bench/results}"
 PY="${PYTHON:-python}"
-STEPS="${STEPS:-tests bench compile report}"
+STEPS="${STEPS:-tests bench compile cli report}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 
 for s in $STEPS; do
   case "$s" in
-    tests|bench|compile|report) ;;
-    *) echo "gpu_session: unknown step '$s' in STEPS (steps: tests bench compile report)" >&2; exit 2 ;;
+    tests|bench|compile|cli|report) ;;
+    *) echo "gpu_session: unknown step '$s' in STEPS (steps: tests bench compile cli report)" >&2; exit 2 ;;
   esac
 done
 
@@ -105,6 +108,21 @@ for s in $STEPS; do
       else
         echo "compile: scripts/compile_report.py not found, skipped" | tee -a "$dir/summary.txt"
       fi ;;
+    cli)
+      # The commands users type, on CUDA: 100 training steps of gpt2-124M in bf16 on the built-in
+      # corpus (tokens/s and the losses in the log), PyTorch then the kernels, and 200 generated
+      # tokens from each trained model through a CUDA-graph decode step (tokens/s at the end).
+      runs=$(mktemp -d)
+      for impl in torch fused; do
+        flag=$([ "$impl" = fused ] && echo --fused)
+        # shellcheck disable=SC2086  # $flag is empty or one argument
+        step "train-$impl" "train_$impl.log" "$PY" scripts/train.py --model gpt2-124M $flag --dropout 0 \
+          --dtype bfloat16 --steps 100 --batch-size 8 --eval-every 50 --no-progress --out "$runs/$impl"
+        # shellcheck disable=SC2086
+        step "generate-$impl" "generate_$impl.log" "$PY" scripts/generate.py --checkpoint "$runs/$impl" $flag \
+          --cuda-graph --dtype bfloat16 --max-new-tokens 200 --ignore-eos --prompt "Every effort moves you"
+      done
+      rm -rf "$runs" ;;
     report)
       if [ -f "$dir/bench.json" ]; then
         step report bench_report.log "$PY" scripts/bench_report.py "$dir/bench.json" --out "$dir"
