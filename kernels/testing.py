@@ -11,6 +11,16 @@ from __future__ import annotations
 
 import torch
 
+# Where the kernel tests run: natively on a GPU when there is one, else on the CPU through Triton's
+# interpreter. tests/conftest.py makes it the default device of the kernel tests, so that the same
+# test code runs both ways; a random generator must live on it too (`seeded`).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A generator on DEVICE: `torch.randn(..., generator=seeded(0))` works under either default device."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
 
 def max_abs_err(x: torch.Tensor, exact: torch.Tensor) -> float:
     return (x.double() - exact.double()).abs().max().item() if x.numel() else 0.0
