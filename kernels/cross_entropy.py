@@ -14,9 +14,13 @@ derivative is the one fact that makes the fusion possible:
 It needs nothing but the logits, the target and the row's logsumexp. So once a kernel knows the LSE it
 can write the gradient straight away, in the forward pass, and backward has nothing left to compute:
 it multiplies by grad_output (a scalar for "mean"/"sum", one number per row for "none"), or, in the
-usual `loss.backward()` where grad_output is 1, just hands the buffer on. "mean" divides by the number
-of rows whose target is not `ignore_index`, so that count is taken first (one reduction over the
-(N,) targets, on the host) and 1/count is folded into the gradient as it is written.
+usual eager `loss.backward()` where grad_output is 1, just hands the buffer on. "mean" divides by the
+number of rows whose target is not `ignore_index`, so that count is taken first (one reduction over
+the (N,) targets) and 1/count is folded into the gradient as it is written. The count comes back to
+the host together with the range check of the targets (an out-of-range target would make the kernel
+read outside its row, so it must be refused before the launch, with an error that says which): one
+host sync, which a device-side count could not save, since the check needs it anyway. It happens
+inside a custom op (`gpt_triton::cross_entropy_fwd`), at run time, so torch.compile never sees it.
 
 The online softmax
 ------------------
@@ -36,7 +40,7 @@ PyTorch eager, F.cross_entropy = log_softmax + nll_loss:
     total                                                                        ~4.9 GB
 Fused (this file):
     forward   read logits twice (LSE pass, gradient pass), write the gradient    3 x 823 MB
-    backward  grad_output == 1: nothing; otherwise read + write the gradient     0 (or 2) x 823 MB
+    backward  grad_output == 1 (eager): nothing; else read + write the gradient  0 (or 2) x 823 MB
     total                                                                        ~2.5 GB
 Both keep one (N, V) tensor alive between forward and backward (log_softmax there, the gradient
 here), so the saving is in traffic, not in memory. `linear_cross_entropy` at the end of this file
@@ -185,12 +189,17 @@ def _check_args(ignore_index, reduction, op):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def _check_target(target, N, V, ignore_index, op):
-    """Validate the (N,) targets against V classes; return (target as contiguous int64, number of
-    rows that are not ignored). One host sync: the range check and the count come back together."""
+def _check_target(target, N, op):
+    """The targets' dtype and shape; their values are checked by `_checked_target`, inside the ops."""
     check_dtype(target, "target", op, dtypes=(torch.int64, torch.int32))
     if target.dim() != 1 or target.shape[0] != N:
         raise ValueError(f"{op}: target must be 1-D (N,) with N = {N} rows, got shape {tuple(target.shape)}")
+
+
+def _checked_target(target, V, ignore_index, op):
+    """(target as contiguous int64, number of rows that are not ignored), refusing targets outside
+    [0, V) that are not ignore_index. One host sync: the range check and the count come back together.
+    Called only inside the custom ops, which torch.compile does not trace."""
     target = target.to(torch.int64).contiguous()  # the kernel reads TARGET + row
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= V))
@@ -212,15 +221,7 @@ def _check_inputs(logits, target, ignore_index, reduction):
     if logits.shape[1] == 0:
         raise ValueError(f"{_OP}: logits has an empty class dimension, shape {tuple(logits.shape)}")
     check_device(logits, target, op=_OP)
-    return _check_target(target, logits.shape[0], logits.shape[1], ignore_index, _OP)
-
-
-def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
-    """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
-    target, n_valid = _check_inputs(logits, target, ignore_index, reduction)
-    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
-    return _reduce(loss_rows, n_valid, reduction, logits.dtype), grad
+    _check_target(target, logits.shape[0], _OP)
 
 
 def _reduce(loss_rows, n_valid, reduction, dtype):
@@ -231,6 +232,54 @@ def _reduce(loss_rows, n_valid, reduction, dtype):
     if reduction == "mean":
         total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
     return total.to(dtype)
+
+
+def _fake_loss(t, reduction):
+    return t.new_empty(t.shape[:1] if reduction == "none" else ())
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+# The launcher as a PyTorch custom op, as in layer_norm and flash_attention: torch.compile cannot
+# trace into a Triton launch, nor past the target check's host sync, but it can treat an op it knows
+# only by its output shapes (the fake implementation) as opaque, so a compiled model runs
+# CrossEntropyFunction without a graph break. The op returns the loss already reduced, so the count
+# of non-ignored rows (a value, which a traced graph could not carry as a Python number) stays inside.
+@torch.library.custom_op(
+    "gpt_triton::cross_entropy_fwd", mutates_args=(),
+    schema="(Tensor logits, Tensor target, int ignore_index, str reduction, bool compute_grad, int max_block_v)"
+    " -> (Tensor, Tensor?)",
+)
+def _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v):
+    target, n_valid = _checked_target(target, logits.shape[1], ignore_index, _OP)
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
+    return _reduce(loss_rows, n_valid, reduction, logits.dtype), grad
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, ignore_index, reduction, compute_grad, max_block_v):
+    return _fake_loss(logits, reduction), logits.new_empty(logits.shape) if compute_grad else None
+
+
+def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
+    """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
+    _check_inputs(logits, target, ignore_index, reduction)
+    return _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v)
+
+
+def _times_grad_output(grad_output, *grads):
+    """Each gradient (or None) times a scalar loss's grad_output, out of place: the buffers are saved
+    on ctx, and a second backward through a retained graph needs them unscaled.
+
+    The usual loss.backward() passes 1, and in eager we read it back (a host sync) to hand the buffers
+    on untouched: that saves a read and a write of each, 2 x 823 MB for GPT-2's logits. torch.compile
+    cannot trace the read (grad_output's value is unknown while tracing; it would break the graph), so
+    a compiled backward always multiplies, which costs that traffic but gives the same bits."""
+    if not torch.compiler.is_compiling() and grad_output.item() == 1.0:
+        return grads
+    return tuple(None if g is None else g * grad_output for g in grads)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -247,10 +296,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad = grad * grad_output.unsqueeze(1)  # (N, V) * (N, 1)
-        elif grad_output.item() != 1.0:
-            # Out of place: the buffer is saved on ctx and may be needed again (retain_graph=True).
-            # For the common loss.backward() grad_output is 1 and the buffer is handed on untouched.
-            grad = grad * grad_output
+        else:
+            (grad,) = _times_grad_output(grad_output, grad)
         return grad, None, None, None, None
 
 
@@ -283,6 +330,8 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
 # "mean" and "sum" compute the input gradients during forward, like the kernel (backward scales
 # them by grad_output). "none" cannot: its per-row grad_output reaches d W only through the sum
 # over rows, so for "none" forward computes the losses only and backward runs the chunks again.
+# Both passes are custom ops, like the kernel's, for torch.compile: the chunk loop launches the
+# kernel, checks the targets and fills its buffers in place, none of which a graph can trace.
 _LCE_OP = "linear_cross_entropy"
 
 
@@ -310,7 +359,8 @@ def _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x=None,
 
 
 def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size):
-    """Validate; return (target as int64, number of non-ignored rows, chunk size)."""
+    """Validate shapes, dtypes and devices (the targets' values are checked inside the op); return
+    the chunk size."""
     _check_args(ignore_index, reduction, _LCE_OP)
     if not all(isinstance(t, torch.Tensor) for t in (x, weight, target)):
         raise TypeError(f"{_LCE_OP}: x, weight and target must be tensors")
@@ -323,50 +373,87 @@ def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
     if C_w != C or V == 0:
         raise ValueError(f"{_LCE_OP}: weight must be (V, C) with V > 0 and C = x.shape[1] = {C}, got {tuple(weight.shape)}")
     check_device(x, weight, target, op=_LCE_OP)
+    _check_target(target, N, _LCE_OP)
     if chunk_size is None:
-        chunk_size = max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_LCE_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    target, n_valid = _check_target(target, N, V, ignore_index, _LCE_OP)
-    return target, n_valid, chunk_size
+    return chunk_size
+
+
+def _new_grad_buffers(x, weight, want_grad_x, want_grad_w):
+    """(N, C) for x, an fp32 (V, C) accumulator for weight; None where no gradient is wanted."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_grad_x else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_w else None
+    return grad_x, grad_w
+
+
+def _fake_grads(x, weight, want_grad_x, want_grad_w):
+    return x.new_empty(x.shape) if want_grad_x else None, weight.new_empty(weight.shape) if want_grad_w else None
+
+
+@torch.library.custom_op(
+    "gpt_triton::linear_cross_entropy_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor target, int ignore_index, str reduction, int chunk_size,"
+    " bool want_grad_x, bool want_grad_w) -> (Tensor, Tensor?, Tensor?)",
+)
+def _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, want_grad_x, want_grad_w):
+    """The reduced loss and the gradients wanted, for grad_output = 1 ("mean" and "sum" only)."""
+    target, n_valid = _checked_target(target, weight.shape[0], ignore_index, _LCE_OP)
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
+    loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
+    return _reduce(loss_rows, n_valid, reduction, x.dtype), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+@_linear_cross_entropy_fwd_op.register_fake
+def _(x, weight, target, ignore_index, reduction, chunk_size, want_grad_x, want_grad_w):
+    return _fake_loss(x, reduction), *_fake_grads(x, weight, want_grad_x, want_grad_w)
+
+
+@torch.library.custom_op(
+    "gpt_triton::linear_cross_entropy_bwd", mutates_args=(),
+    schema="(Tensor grad_output, Tensor x, Tensor weight, Tensor target, int ignore_index, int chunk_size,"
+    " bool want_grad_x, bool want_grad_w) -> (Tensor?, Tensor?)",
+)
+def _linear_cross_entropy_bwd_op(grad_output, x, weight, target, ignore_index, chunk_size, want_grad_x, want_grad_w):
+    """reduction="none": the chunks again, each row's gradient weighted by its grad_output. The forward
+    op has checked the targets."""
+    grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
+    target = target.to(torch.int64).contiguous()
+    _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size, grad_x, grad_w, row_weight=grad_output)
+    return grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+@_linear_cross_entropy_bwd_op.register_fake
+def _(grad_output, x, weight, target, ignore_index, chunk_size, want_grad_x, want_grad_w):
+    return _fake_grads(x, weight, want_grad_x, want_grad_w)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, target, ignore_index=-100, reduction="mean", chunk_size=None):
-        target, n_valid, chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
+        chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
         ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
-        if reduction == "none":
+        if reduction == "none":  # the losses only; backward runs the chunks again
             ctx.save_for_backward(x, weight, target)
-            loss_rows = _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size)
-            return loss_rows.to(x.dtype)
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        grad_x, grad_w = _new_grad_buffers(ctx, x, weight)
-        loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
-        ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
-        return _reduce(loss_rows, n_valid, reduction, x.dtype)
+            return _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, False, False)[0]
+        loss, grad_x, grad_w = _linear_cross_entropy_fwd_op(
+            x, weight, target, ignore_index, reduction, chunk_size, *ctx.needs_input_grad[:2]
+        )
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
-            x, weight, target = ctx.saved_tensors
-            grad_x, grad_w = _new_grad_buffers(ctx, x, weight)
-            _lce_chunks(x, weight, target, ctx.ignore_index, 1.0, ctx.chunk_size, grad_x, grad_w, row_weight=grad_output)
-            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_x, grad_w = _linear_cross_entropy_bwd_op(
+                grad_output, *ctx.saved_tensors, ctx.ignore_index, ctx.chunk_size, *ctx.needs_input_grad[:2]
+            )
         else:
-            grad_x, grad_w = ctx.saved_tensors
-            if grad_output.item() != 1.0:  # out of place, as in CrossEntropyFunction.backward
-                grad_x = None if grad_x is None else grad_x * grad_output
-                grad_w = None if grad_w is None else grad_w * grad_output
+            grad_x, grad_w = _times_grad_output(grad_output, *ctx.saved_tensors)
         return grad_x, grad_w, None, None, None, None
-
-
-def _new_grad_buffers(ctx, x, weight):
-    """(N, C) for x, an fp32 (V, C) accumulator for weight; None where autograd wants no gradient."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w
 
 
 def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction: str = "mean", chunk_size=None):
@@ -379,9 +466,8 @@ def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction:
         x.requires_grad or weight.requires_grad
     ):
         return LinearCrossEntropyFunction.apply(x, weight, target, ignore_index, reduction, chunk_size)
-    target, n_valid, chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
-    loss_rows = _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size)
-    return _reduce(loss_rows, n_valid, reduction, x.dtype)
+    chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
+    return _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, False, False)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ PyTorch's error is F.cross_entropy computed in the logits' own dtype; the kernel
 far from the float64 answer (plus a small atol), for the loss and for the gradient.
 """
 
+import functools
 import importlib
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
-from kernels.testing import assert_close_to_reference, poison_
+from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -240,6 +241,46 @@ def test_compile_specs_cover_every_launch_config():
                     assert (cfg["BLOCK_V"], cfg["num_warps"], cfg["num_stages"], has_grad) in configs, (V, cfg)
 
 
+def test_torch_compile_traces_without_graph_breaks():
+    # The target check's host sync and the launch sit inside the custom op, so dynamo traces neither
+    # (before the op it stopped at the sync, and behind it is the interpreter's NumPy). Backward under
+    # compile always multiplies by grad_output; with grad_output 1 ("mean") that must give eager's bits.
+    N, V = 7, 131
+    logits, target = make_inputs(N, V, torch.bfloat16, n_ignored=2, seed=10)
+    for reduction in REDUCTIONS:
+        fn = functools.partial(cross_entropy, target=target, reduction=reduction)
+        assert_compiles_like_eager(fn, (logits,), grad_output_for(reduction, N, torch.bfloat16))
+    all_ignored = torch.full((N,), -100)
+    fn = functools.partial(cross_entropy, target=all_ignored)
+    assert_compiles_like_eager(fn, (logits,), torch.tensor(1.0, dtype=torch.bfloat16))
+
+    # Without autograd (the op's no-gradient path), and a bad target: the check still runs, at run time.
+    compiled = torch.compile(cross_entropy, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(logits, target), cross_entropy(logits, target))
+    bad = target.clone()
+    bad[0] = V
+    with pytest.raises(ValueError, match=r"outside \[0, 131\)"):
+        compiled(logits, bad)
+
+
+def test_fused_gpt_loss_compiles():
+    # GPTModel.loss through FusedOps, after a forward of the fused model, with the parameters' gradients.
+    from model import GPTConfig, GPTModel
+
+    cfg = GPTConfig(vocab_size=101, context_length=16, emb_dim=32, n_heads=2, n_layers=1, qkv_bias=True)
+    torch.manual_seed(12)
+    model = GPTModel(cfg).use_fused_kernels(True)
+    idx, targets = torch.randint(0, 101, (2, 2, 11)).unbind(0)
+    targets[0, :3] = -100
+    names, params = zip(*model.named_parameters())
+
+    def loss(*params):
+        logits = torch.func.functional_call(model, dict(zip(names, params)), (idx,))
+        return model.loss(logits, targets)
+
+    assert_compiles_like_eager(loss, [p.detach() for p in params], torch.tensor(1.0))
+
+
 # ----------------------------------------------------------------------------------------------
 # linear_cross_entropy: LM head + loss in chunks of rows, against the unfused F.linear + F.cross_entropy
 # ----------------------------------------------------------------------------------------------
@@ -323,3 +364,12 @@ def test_linear_cross_entropy_all_rows_ignored_and_bad_inputs():
     for args, kwargs, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             linear_cross_entropy(*args, **kwargs)
+
+
+def test_linear_cross_entropy_compiles():
+    # Both chunk loops (forward; "none"'s backward) are custom ops: 11 rows in chunks of 4, one ignored.
+    N = 11
+    x, weight, target = make_head_inputs(N, 16, 50, torch.float32, n_ignored=1, seed=13)
+    for reduction in REDUCTIONS:
+        fn = functools.partial(linear_cross_entropy, target=target, reduction=reduction, chunk_size=4)
+        assert_compiles_like_eager(fn, (x, weight), grad_output_for(reduction, N, torch.float32))
