@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.bias_gelu import COMPILE_SPECS, _as_rows, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_
+from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -158,7 +158,7 @@ def test_compile_specs_cover_every_launch():
 
 
 def test_torch_compile_traces_without_graph_breaks():
-    g = torch.Generator().manual_seed(5)
+    g = seeded(5)
     x = torch.randn(3, 8, 37, generator=g).to(torch.bfloat16)[:, 1::2]  # strided rows, 3-D
     bias = torch.randn(37, generator=g)  # fp32 bias with bf16 x, as in the model
     dy = torch.randn(x.shape, generator=g).to(torch.bfloat16)

@@ -19,13 +19,13 @@ from kernels.decode_attention import (
     decode_attention,
 )
 from kernels.reference import attention
-from kernels.testing import assert_close_to_reference
+from kernels.testing import assert_close_to_reference, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _make(B, H, Tq, D, L_max, seq_lens, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     q = torch.randn(B, H, Tq, D, generator=g).to(dtype)
     k = torch.randn(B, H, L_max, D, generator=g).to(dtype)
     v = torch.randn(B, H, L_max, D, generator=g).to(dtype)
@@ -92,7 +92,7 @@ def test_batch_one_long_cache_uses_many_splits_and_int32_lengths():
 def test_strided_views_and_custom_scale():
     """The cache as a slice of a bigger (L, B, H, D) buffer, q a transposed (B, Tq, H, D) projection."""
     B, H, Tq, D, L_max = 2, 3, 3, 64, 40
-    g = torch.Generator().manual_seed(3)
+    g = seeded(3)
     buf = torch.randn(2, L_max + 5, B, H, D, generator=g).to(torch.bfloat16)
     k = buf[0, 2 : L_max + 2].permute(1, 2, 0, 3)  # (B, H, L_max, D), no stride is contiguous order
     v = buf[1, 2 : L_max + 2].permute(1, 2, 0, 3)

@@ -17,7 +17,7 @@ from kernels.flash_attention import (
     _pruner,
     flash_attention,
 )
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_
+from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 
 def _fwd_bwd(fn, q, k, v, do, **kw):
@@ -38,7 +38,7 @@ def _check_against_float64(q, k, v, do, causal, sm_scale=None):
 
 
 def _qkvdo(B, H, Tq, Tk, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     q, do = (torch.randn(B, H, Tq, D, generator=g).to(dtype) for _ in range(2))
     k, v = (torch.randn(B, H, Tk, D, generator=g).to(dtype) for _ in range(2))
     return q, k, v, do
@@ -84,7 +84,7 @@ def test_huge_scores_are_stable(sign, causal, dtype):
     max, and the backward must not let exp2(score - LSE) overflow in the padded keys of the ragged
     last tile (where it would meet a zero k row and give inf * 0 = NaN)."""
     T, D = 70, 16
-    g = torch.Generator().manual_seed(3)
+    g = seeded(3)
     k = 1.0 + 0.1 * torch.randn(1, 1, T, D, generator=g)
     q = sign * 30.0 * (1.0 + 0.1 * torch.randn(1, 1, T, D, generator=g))  # q.k / sqrt(D) ~ sign * 120
     v, do = torch.randn(1, 1, T, D, generator=g), torch.randn(1, 1, T, D, generator=g)
@@ -97,7 +97,7 @@ def test_strided_views_of_one_qkv_tensor(dtype):
     """The model's call: q, k, v are permuted views of one (B, T, 3, H, D) projection, dO is
     non-contiguous, and the gradient lands in the fused tensor through PyTorch's view backward."""
     B, T, H, D = 2, 37, 2, 32
-    g = torch.Generator().manual_seed(1)
+    g = seeded(1)
     qkv = torch.randn(B, T, 3 * H * D, generator=g).to(dtype)
     do = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, D), not contiguous
 

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from kernels.testing import seeded
 from model import GPTConfig, GPTModel
 
 # Awkward on purpose: head dim 24 is not a power of 2, T = 13 is prime, V = 101 is prime.
@@ -55,7 +56,7 @@ def test_fused_refuses_attention_dropout_in_training():
 def test_training_curves_match():
     """Twenty AdamW steps on the same data: the fused run's loss curve tracks the PyTorch run's."""
     ref, fused = _pair(seed=1)
-    g = torch.Generator().manual_seed(2)
+    g = seeded(2)
     data = torch.randint(0, CFG.vocab_size, (2, 2, 17), generator=g)  # two batches, seen 10 times each
     curves = []
     for model in (ref, fused):

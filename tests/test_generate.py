@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.testing import seeded
 from model import GPTConfig, GPTModel, generate, stream_generate
 from model.generate import sample_next
 from model.kv_cache import KVCaches
@@ -229,14 +230,14 @@ def test_sampling_controls():
     assert torch.equal(generate(m, x, 8, temperature=1.5, top_p=1e-6, seed=0), greedy)
     a = generate(m, x, 8, temperature=2.0, seed=1)
     assert torch.equal(a, generate(m, x, 8, temperature=2.0, seed=1))  # a seed reproduces the text
-    assert torch.equal(a, generate(m, x, 8, temperature=2.0, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(a, generate(m, x, 8, temperature=2.0, generator=seeded(1)))
     assert not torch.equal(a, greedy) and not torch.equal(a, generate(m, x, 8, temperature=2.0, seed=2))
 
 
 def test_sample_next_filters():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log().expand(4000, 4)
-    g = torch.Generator().manual_seed(0)
+    g = seeded(0)
     assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {1, 3}
     assert set(sample_next(logits, 1.0, top_p=0.7, generator=g).tolist()) == {1, 3}  # 0.5 + 0.3 >= 0.7
     assert set(sample_next(logits, 1.0, top_p=0.85, generator=g).tolist()) == {1, 2, 3}
