@@ -1,4 +1,5 @@
-"""LayerNorm: a row reduction in the forward, and a backward whose weight gradients need no atomics.
+"""LayerNorm: a row reduction in the forward, and a backward whose weight gradients need no atomics;
+then the same kernels with the residual add that precedes a pre-LN block's LayerNorm fused in.
 
 The math
 --------
@@ -49,6 +50,39 @@ Memory traffic (GPT-2 124M, B*T = 8192 rows, C = 768, bf16: one (8192, 768) tens
 The book's formula's backward is worse still: autograd keeps x - mean, the (M, 1) statistics and
 xhat alive and walks each elementwise op backwards. GPT-2 124M runs 25 LayerNorms per forward (two per
 block and the final one), so fused LayerNorm moves 0.6 GB a forward instead of 3.2 GB.
+
+The residual add, fused: add_layer_norm
+---------------------------------------
+A pre-LN block adds each branch's output r to the residual stream x, then normalizes the updated
+stream for the next branch:
+
+    h = x + r,     y = LayerNorm(h)        (h: the new residual stream, which the block keeps)
+
+Unfused, the add writes h and LayerNorm reads it straight back. `add_layer_norm` runs both in the
+same one-row program (a HAS_RESIDUAL variant of the kernels above, so the LayerNorm is written
+once): load x and r, add in fp32, store h, and normalize the fp32 sum still in registers. (In fp16
+and bf16 that sum is normalized before h is rounded: y is one rounding away from the exact answer,
+not two.)
+
+h has two uses, the LayerNorm and whatever reads the stream later (the MLP's residual), so its
+gradient is the sum of both, and h = x + r hands that sum to x and r unchanged:
+
+    dH = dh + LN-backward(dY),      dX = dR = dH       (dh: the gradient from h's other uses)
+
+The backward kernel adds dh into each row's dX before its one store, and the same tensor is
+returned as the gradient of both x and r: dH is written once. LN-backward needs the normalized
+input, h: it is saved for the backward instead of x and r (the block keeps h alive anyway).
+
+Traffic of one add + LayerNorm, with T = one (8192, 768) bf16 tensor = 12.6 MB (as above):
+    unfused: x + r, then F.layer_norm
+        forward: the add reads x, r, writes h; LayerNorm reads h, writes y        5 T =  63 MB
+        backward: LayerNorm's reads h, dY, writes its part of dH; autograd then
+                  adds dh to it (reads both, writes dH), handed to x and r as is   6 T =  75 MB
+    fused (add_layer_norm)
+        forward: read x, r; write h, y                                          4 T =  50 MB
+        backward: read h, dY, dh; write dH                                       4 T =  50 MB
+(plus, either way, LayerNorm's mean/rstd and partial sums). GPT-2 runs one such add before each
+block's second LayerNorm: 138 MB become 101 MB per block, 0.45 GB a training step over 124M's 12.
 """
 
 from __future__ import annotations
@@ -75,6 +109,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 _OP = "layer_norm"
+_ADD_OP = "add_layer_norm"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,20 +118,27 @@ _OP = "layer_norm"
 @triton.jit
 def _layer_norm_fwd_kernel(
     X,  # (M, N) fp32/fp16/bf16, row stride stride_x_row, unit column stride
+    R,  # (M, N) X's dtype, row stride stride_r_row: the residual branch (read only if HAS_RESIDUAL)
     W,  # (N,) fp32 or X's dtype
     B,  # (N,) fp32 or X's dtype
+    H,  # (M, N) X's dtype, contiguous: X + R (written only if HAS_RESIDUAL)
     Y,  # (M, N) X's dtype, contiguous
     MEAN,  # (M,) fp32
     RSTD,  # (M,) fp32
     stride_x_row,
+    stride_r_row,
     N,
     eps,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: M * N passes 2^31 at 524,288 rows of width 4096
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + row * stride_r_row + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + row * N + cols, cast_for_store(x, H.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=0) / N
     # Padding lanes loaded 0, but 0 - mean is not 0: zero them before they enter the variance.
     xc = tl.where(mask, x - mean, 0.0)
@@ -111,18 +153,21 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    X,  # (M, N) as in the forward: row stride stride_x_row
+    X,  # (M, N) the forward's normalized input (H if HAS_RESIDUAL), row stride stride_x_row
     W,  # (N,)
     DY,  # (M, N) row stride stride_dy_row (0 for a broadcast gradient)
-    DX,  # (M, N) X's dtype, contiguous
+    DH,  # (M, N) row stride stride_dh_row: the gradient from H's other uses (read only if HAS_RESIDUAL)
+    DX,  # (M, N) X's dtype, contiguous: dX (= dH = dX = dR of add_layer_norm if HAS_RESIDUAL)
     MEAN,  # (M,) fp32, from the forward
     RSTD,  # (M,) fp32, from the forward
     PARTIAL,  # (n_groups, 2N) fp32, contiguous: [g, :N] = sum of dY * xhat, [g, N:] = sum of dY over group g
     stride_x_row,
     stride_dy_row,
+    stride_dh_row,
     M,
     N,
     rows_per_group,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     group = tl.program_id(0)
@@ -143,6 +188,9 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(g * xhat, axis=0) / N
         c2 = tl.sum(g, axis=0) / N
         dx = (g - c2 - xhat * c1) * rstd
+        if HAS_RESIDUAL:
+            # H's two gradients meet here, in fp32, before the one rounding of the store.
+            dx += tl.load(DH + row * stride_dh_row + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * N + cols, cast_for_store(dx, DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
@@ -165,22 +213,34 @@ MIN_BLOCK_N, MAX_N = 16, 4096
 GROUPS_PER_SM = 2
 
 
-def _launch_config(N: int) -> dict:
+def _launch_config(N: int, has_residual: bool = False) -> dict:
     block_n = max(next_power_of_2(N), MIN_BLOCK_N)
-    return {"BLOCK_N": block_n, "num_warps": min(max(block_n // 256, 1), 16), "num_stages": NUM_STAGES}
+    return {
+        "BLOCK_N": block_n, "HAS_RESIDUAL": has_residual,
+        "num_warps": min(max(block_n // 256, 1), 16), "num_stages": NUM_STAGES,
+    }
 
 
-def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd) -> None:
-    """y (M, N) contiguous, mean and rstd (M,) fp32 <- LayerNorm of x2's rows. Inputs checked."""
+def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> None:
+    """y (M, N) contiguous, mean and rstd (M,) fp32 <- LayerNorm of x2's rows; with a residual r2
+    (x2's shape and dtype, any row stride), h (M, N) contiguous <- x2 + r2 too, and y normalizes
+    that sum. Inputs checked."""
     M, N = x2.shape
     if M == 0:
         return
+    has_residual = r2 is not None
+    if not has_residual:
+        r2, h = x2, y  # placeholders: the kernel neither reads R nor writes H
     with device_guard(x2.device):
-        _layer_norm_fwd_kernel[(M,)](x2, weight, bias, y, mean, rstd, x2.stride(0), N, eps, **_launch_config(N))
+        _layer_norm_fwd_kernel[(M,)](
+            x2, r2, weight, bias, h, y, mean, rstd, x2.stride(0), r2.stride(0), N, eps,
+            **_launch_config(N, has_residual),
+        )
 
 
-def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype):
-    """dx (M, N) contiguous <- dX; returns (dW, dB), (N,) each in the given dtypes."""
+def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, dh2=None):
+    """dx (M, N) contiguous <- dX, plus dh2 (the gradient from h's other uses) when given; returns
+    (dW, dB), (N,) each in the given dtypes."""
     M, N = x2.shape
     if M == 0:
         return torch.zeros(N, dtype=weight_dtype, device=x2.device), torch.zeros(N, dtype=bias_dtype, device=x2.device)
@@ -188,34 +248,46 @@ def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype):
     rows_per_group = triton.cdiv(M, want_groups)
     n_groups = triton.cdiv(M, rows_per_group)  # no empty group at the end
     partial = torch.empty((n_groups, 2 * N), dtype=torch.float32, device=x2.device)
+    has_residual = dh2 is not None
+    if not has_residual:
+        dh2 = dy2  # placeholder: the kernel does not read DH
     with device_guard(x2.device):
         _layer_norm_bwd_kernel[(n_groups,)](
-            x2, weight, dy2, dx, mean, rstd, partial, x2.stride(0), dy2.stride(0), M, N, rows_per_group,
-            **_launch_config(N),
+            x2, weight, dy2, dh2, dx, mean, rstd, partial, x2.stride(0), dy2.stride(0), dh2.stride(0),
+            M, N, rows_per_group, **_launch_config(N, has_residual),
         )
     dwdb = _sum_partials(partial, torch.float32)  # (2N,): one reduction launch for both gradients
     # copy=True: two separate tensors, not views of one buffer (a custom op's outputs may not alias).
     return dwdb[:N].to(weight_dtype, copy=True), dwdb[N:].to(bias_dtype, copy=True)
 
 
-def _check_inputs(x, weight, bias, eps):
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+def _check_inputs(x, weight, bias, eps, residual=None, op=_OP):
+    """layer_norm's inputs; for op = add_layer_norm also the residual, which must match x exactly
+    (shape, dtype, device; its strides are free)."""
+    tensors = {"x": x, "residual": residual} if op == _ADD_OP else {"x": x}
+    tensors.update(weight=weight, bias=bias)
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a tensor, got {type(t).__name__}")
-        check_dtype(t, name, _OP)
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        check_dtype(t, name, op)
     if x.dim() == 0:
-        raise ValueError(f"{_OP}: x must have at least one dimension, got a scalar")
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    if op == _ADD_OP:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual has dtype {residual.dtype}, expected x's {x.dtype}")
     N = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (N,):
-            raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, expected ({N},) = x.shape[-1]")
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({N},) = x.shape[-1]")
         if t.dtype not in (torch.float32, x.dtype):
-            raise TypeError(f"{_OP}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be float32 or x's dtype {x.dtype}, got {t.dtype}")
     if not 1 <= N <= MAX_N:
-        raise ValueError(f"{_OP}: the normalized dim must have 1 to {MAX_N} elements, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: the normalized dim must have 1 to {MAX_N} elements, got shape {tuple(x.shape)}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
-    check_device(x, weight, bias, op=_OP)
+        raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
+    check_device(*tensors.values(), op=op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,19 +316,41 @@ def _(x2, weight, bias, eps):
 
 @torch.library.custom_op(
     "gpt_triton::layer_norm_bwd", mutates_args=(),
-    schema="(Tensor dy2, Tensor x2, Tensor weight, Tensor mean, Tensor rstd, ScalarType bias_dtype)"
-    " -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor dy2, Tensor x2, Tensor weight, Tensor mean, Tensor rstd, ScalarType bias_dtype,"
+    " Tensor? dh2=None) -> (Tensor, Tensor, Tensor)",
 )
-def _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, bias_dtype):
+def _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, bias_dtype, dh2=None):
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype)
+    dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype, dh2)
     return dx, dw, db
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy2, x2, weight, mean, rstd, bias_dtype):
+def _(dy2, x2, weight, mean, rstd, bias_dtype, dh2=None):
     N = x2.shape[1]
     return x2.new_empty(x2.shape), weight.new_empty(N), weight.new_empty(N, dtype=bias_dtype)
+
+
+# add_layer_norm's forward has one more input and one more output; its backward is layer_norm_bwd
+# with dh2, whose one dX output the autograd function hands to both x and the residual.
+@torch.library.custom_op(
+    "gpt_triton::add_layer_norm_fwd", mutates_args=(),
+    schema="(Tensor x2, Tensor r2, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _add_layer_norm_fwd_op(x2, r2, weight, bias, eps):
+    h = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    y = torch.empty_like(h)
+    mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+    rstd = torch.empty_like(mean)
+    _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2, h)
+    return h, y, mean, rstd
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(x2, r2, weight, bias, eps):
+    M = x2.shape[0]
+    return (x2.new_empty(x2.shape), x2.new_empty(x2.shape),
+            x2.new_empty(M, dtype=torch.float32), x2.new_empty(M, dtype=torch.float32))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -279,6 +373,32 @@ class LayerNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dw, db, None
 
 
+class AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps=1e-5):
+        _check_inputs(x, weight, bias, eps, residual, op=_ADD_OP)
+        N = x.shape[-1]
+        weight, bias = weight.contiguous(), bias.contiguous()
+        h, y, mean, rstd = _add_layer_norm_fwd_op(_as_rows(x, N), _as_rows(residual, N), weight, bias, float(eps))
+        ctx.save_for_backward(h, weight, mean, rstd)  # h, the LayerNorm's input: not x and residual
+        ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
+        # A gradient that does not reach one output arrives as None, not as a tensor of zeros to read.
+        ctx.set_materialize_grads(False)
+        return h.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh, dy):
+        h2, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used: dX = dR = dh, and the LayerNorm's parameters get no gradient
+            return dh, dh, None, None, None
+        N = h2.shape[1]
+        dh2 = None if dh is None else _as_rows(dh, N)
+        dx, dw, db = _layer_norm_bwd_op(_as_rows(dy, N), h2, weight, mean, rstd, ctx.bias_dtype, dh2)
+        dx = dx.view(ctx.x_shape)
+        return dx, dx, dw, db, None  # h = x + residual: one gradient, the same tensor for both
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm(x, (N,), weight, bias, eps) over the last dim N of x (any leading shape, any
     strides, 1 <= N <= 4096). weight and bias are (N,), fp32 or x's dtype; the output has x's dtype;
@@ -286,35 +406,50 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return LayerNormFunction.apply(x, weight, bias, eps)
 
 
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y) with h = x + residual and y = layer_norm(h, weight, bias, eps), in one pass: a pre-LN
+    block's residual add and the LayerNorm that follows it. residual has x's shape and dtype (any
+    strides, both); h and y come out contiguous in x's shape and dtype. y normalizes the fp32 sum,
+    before h is rounded to x's dtype. Gradients may flow into h, y or both; x and residual receive
+    the same gradient tensor, dh + the LayerNorm's dX."""
+    return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
-# 1 ... 16), per input dtype with fp32 weight and bias (the model's parameters are fp32). The dW/dB
-# reduction is `_common._sum_partials_kernel`, listed once, in bias_gelu's COMPILE_SPECS.
+# 1 ... 16), with and without the residual (layer_norm.* and add_layer_norm.*), per input dtype with
+# fp32 weight and bias (the model's parameters are fp32). The dW/dB reduction is
+# `_common._sum_partials_kernel`, listed once, in bias_gelu's COMPILE_SPECS.
 # ----------------------------------------------------------------------------------------------
-_CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_N)) + 1)]
+_WIDTHS = [2**k for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_N)) + 1)]
 
 COMPILE_SPECS = [
     spec
+    for has_residual, op in ((False, _OP), (True, _ADD_OP))
     for ty in ("fp32", "fp16", "bf16")
     for spec in (
         CompileSpec(
-            name=f"layer_norm.fwd.{ty}",
+            name=f"{op}.fwd.{ty}",
             kernel=_layer_norm_fwd_kernel,
             signature={
-                "X": f"*{ty}", "W": "*fp32", "B": "*fp32", "Y": f"*{ty}", "MEAN": "*fp32", "RSTD": "*fp32",
-                "stride_x_row": "i32", "N": "i32", "eps": "fp32", "BLOCK_N": "constexpr",
+                "X": f"*{ty}", "R": f"*{ty}", "W": "*fp32", "B": "*fp32", "H": f"*{ty}", "Y": f"*{ty}",
+                "MEAN": "*fp32", "RSTD": "*fp32", "stride_x_row": "i32", "stride_r_row": "i32", "N": "i32",
+                "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
             },
-            configs=_CONFIGS,
+            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
         ),
         CompileSpec(
-            name=f"layer_norm.bwd.{ty}",
+            name=f"{op}.bwd.{ty}",
             kernel=_layer_norm_bwd_kernel,
             signature={
-                "X": f"*{ty}", "W": "*fp32", "DY": f"*{ty}", "DX": f"*{ty}", "MEAN": "*fp32", "RSTD": "*fp32",
-                "PARTIAL": "*fp32", "stride_x_row": "i32", "stride_dy_row": "i32", "M": "i32", "N": "i32",
-                "rows_per_group": "i32", "BLOCK_N": "constexpr",
+                "X": f"*{ty}", "W": "*fp32", "DY": f"*{ty}", "DH": f"*{ty}", "DX": f"*{ty}", "MEAN": "*fp32",
+                "RSTD": "*fp32", "PARTIAL": "*fp32", "stride_x_row": "i32", "stride_dy_row": "i32",
+                "stride_dh_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
+                "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
             },
-            configs=_CONFIGS,
+            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
         ),
     )
 ]

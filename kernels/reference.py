@@ -43,6 +43,13 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
+def add_layer_norm(x, residual, weight, bias, eps: float = 1e-5):
+    """(h, layer_norm(h)) with h = x + residual: a pre-LN block adds a branch's output to the residual
+    stream, then normalizes the updated stream for the next branch."""
+    h = x + residual
+    return h, layer_norm(h, weight, bias, eps)
+
+
 def gelu_tanh(x):
     """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))

@@ -1,5 +1,6 @@
-"""layer_norm against the float64 book formula, by FlashAttention's rule: forward, dX, dW and dB, every
-dtype, awkward widths and row counts, non-contiguous inputs, and bad input."""
+"""layer_norm and add_layer_norm against the float64 book formula, by FlashAttention's rule: forward,
+dX (and dResidual), dW and dB, every dtype, awkward widths and row counts, non-contiguous inputs, and
+bad input."""
 
 import inspect
 
@@ -15,6 +16,7 @@ from kernels.layer_norm import (
     _launch_config,
     _layer_norm_bwd,
     _layer_norm_fwd,
+    add_layer_norm,
     layer_norm,
 )
 from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_
@@ -159,15 +161,21 @@ def test_bad_input(x, w, b, kwargs, error, match):
 
 
 def test_compile_specs_cover_every_launch():
-    """Every width the launcher accepts picks a config that COMPILE_SPECS lists, for both kernels and
-    every dtype, and each signature names exactly the kernel's arguments."""
+    """Every width the launchers accept picks a config that COMPILE_SPECS lists, for both kernels, with
+    and without the residual, every dtype, and each signature names exactly the kernel's arguments."""
     for spec in COMPILE_SPECS:
         kernel = getattr(spec.kernel, "fn", spec.kernel)
         assert list(spec.signature) == list(inspect.signature(kernel).parameters), spec.name
-    assert {spec.signature["X"] for spec in COMPILE_SPECS} == {"*fp32", "*fp16", "*bf16"}
-    for N in [1, 15, 16, 17, 100, 768, 777, 1024, 1025, 1600, 2049, MAX_N]:
+    variants = {(s.name.split(".")[0], s.name.split(".")[1], s.signature["X"]) for s in COMPILE_SPECS}
+    assert variants == {
+        (op, pass_, ty) for op in ("layer_norm", "add_layer_norm") for pass_ in ("fwd", "bwd")
+        for ty in ("*fp32", "*fp16", "*bf16")
+    }
+    assert len(variants) == len(COMPILE_SPECS)
+    for N in [1, 15, 16, 17, 37, 100, 768, 777, 1024, 1025, 1600, 2049, MAX_N]:
         for spec in COMPILE_SPECS:
-            assert _launch_config(N) in spec.configs, (spec.name, N)
+            has_residual = spec.name.startswith("add_layer_norm.")
+            assert _launch_config(N, has_residual) in spec.configs, (spec.name, N)
 
 
 def test_torch_compile_traces_without_graph_breaks():
@@ -176,3 +184,140 @@ def test_torch_compile_traces_without_graph_breaks():
     w, b = _params(37, torch.float32, seed=5)
     dy = torch.randn(x.shape, generator=g).to(torch.bfloat16)
     assert_compiles_like_eager(layer_norm, (x, w, b), dy)
+
+
+# ----------------------------------------------------------------------------------------------
+# add_layer_norm: h = x + residual, y = layer_norm(h); gradients flow into both h and y.
+# ----------------------------------------------------------------------------------------------
+def _add_fwd_bwd(fn, x, r, w, b, dh, dy):
+    """(h, y, dX, dResidual, dW, dB) of fn on fresh leaves; dh or dy None: that output is unused (a
+    gradient that nothing reaches is None)."""
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    h, y = fn(*leaves)
+    outs, grads = zip(*[(o, g) for o, g in ((h, dh), (y, dy)) if g is not None])
+    return (h, y, *torch.autograd.grad(outs, leaves, grads, allow_unused=True))
+
+
+def _torch_add_layer_norm(x, r, w, b):
+    h = x + r
+    return h, _torch_layer_norm(h, w, b)
+
+
+def _check_add(x, r, w, b, dh="randn", dy="randn"):
+    """add_layer_norm vs the float64 reference vs PyTorch's add then F.layer_norm in x's dtype, for h,
+    y, dX, dResidual, dW and dB. dh / dy: a gradient, "randn" for a fresh one, None for no gradient."""
+    dh = torch.randn(x.shape, dtype=x.dtype) if isinstance(dh, str) else dh
+    dy = torch.randn(x.shape, dtype=x.dtype) if isinstance(dy, str) else dy
+    got = _add_fwd_bwd(add_layer_norm, x, r, w, b, dh, dy)
+    exact = _add_fwd_bwd(reference.add_layer_norm, *(t.double() for t in (x, r, w, b)),
+                         *(None if g is None else g.double() for g in (dh, dy)))
+    torch_ = _add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy)
+    for name, g, e, t in zip(("h", "y", "dx", "dresidual", "dw", "db"), got, exact, torch_):
+        if e is None:
+            assert g is None, f"add_layer_norm {name}: a gradient where PyTorch has none"
+            continue
+        assert_close_to_reference(f"add_layer_norm {name} {x.dtype}", g, e, t)
+    h, y, dx, dr, dw, db = got
+    assert h.dtype == y.dtype == dx.dtype == dr.dtype == x.dtype
+    assert h.shape == y.shape == dx.shape == dr.shape == x.shape
+    assert h.is_contiguous() and y.is_contiguous()
+    assert torch.equal(dx, dr)  # h = x + residual: one gradient for both
+    if dw is not None:
+        assert dw.dtype == w.dtype and db.dtype == b.dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape, param_dtype",
+    [
+        ((13, 37), None),  # 13 rows (prime), width 37; weight and bias in x's dtype
+        ((1, 7, 768), torch.float32),  # GPT-2 124M's width, 7 rows; fp32 parameters (the model's case)
+    ],
+)
+def test_add_matches_reference(dtype, shape, param_dtype):
+    torch.manual_seed(10)
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    r = torch.randn(shape, dtype=dtype)
+    _check_add(x, r, *_params(shape[-1], param_dtype or dtype, seed=10))
+
+
+def test_add_non_contiguous_inputs():
+    torch.manual_seed(11)
+    w, b = _params(37, torch.float32, seed=11)
+    x = torch.randn(9, 100)[:, 20:57]  # column slice: rows 100 apart
+    r = torch.randn(37, 9).t()  # transposed: columns strided, copied once
+    _check_add(x, r, w, b, dh=torch.randn(37, 9).t(), dy=torch.randn(18, 37)[::2])  # strided gradients
+    x3 = torch.randn(5, 3, 37).transpose(0, 1)  # permuted 3-D: rows unevenly spaced
+    _check_add(x3, torch.randn(3, 10, 37)[:, ::2], w, b)
+
+
+def test_add_gradient_into_one_output():
+    """Only y used (dh = None: the kernel reads no dh), or only h (the LayerNorm is no part of the
+    loss: dX = dResidual = dh, and weight and bias get no gradient, as with PyTorch's add)."""
+    torch.manual_seed(12)
+    x, r, (w, b) = torch.randn(7, 37), torch.randn(7, 37), _params(37, torch.float32)
+    _check_add(x, r, w, b, dh=None)
+    _check_add(x, r, w, b, dy=None)
+
+
+def test_add_every_output_element_is_written():
+    """The launchers with a residual, into NaN-filled buffers."""
+    torch.manual_seed(13)
+    M, N = 7, 37
+    x, r, dh, dy = (torch.randn(M, N) for _ in range(4))
+    w, b = _params(N, torch.float32)
+    h, y, dx = (poison_(torch.empty(M, N)) for _ in range(3))
+    mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
+    _layer_norm_fwd(x, w, b, 1e-5, y, mean, rstd, r, h)
+    dw, db = _layer_norm_bwd(dy, h, w, mean, rstd, dx, w.dtype, b.dtype, dh)
+    exact = _add_fwd_bwd(reference.add_layer_norm, *(t.double() for t in (x, r, w, b, dh, dy)))
+    torch_ = _add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy)
+    for name, g, e, t in zip(("h", "y", "dx", "dw", "db"), (h, y, dx, dw, db), exact[:3] + exact[4:],
+                             torch_[:3] + torch_[4:]):
+        assert_close_to_reference(name, g, e, t)
+    torch.testing.assert_close(mean, (x + r).mean(-1))
+    torch.testing.assert_close(rstd, torch.rsqrt((x + r).var(-1, unbiased=False) + 1e-5))
+
+
+def test_add_no_rows():
+    x, r = torch.randn(0, 64, requires_grad=True), torch.randn(0, 64, requires_grad=True)
+    w, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    h, y = add_layer_norm(x, r, w, b)
+    assert h.shape == y.shape == (0, 64)
+    (h.sum() + y.sum()).backward()
+    assert x.grad.shape == r.grad.shape == (0, 64)
+    assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
+
+
+X48 = torch.randn(4, 8)
+
+
+@pytest.mark.parametrize(
+    "x, r, w, b, error, match",
+    [
+        (X48, torch.randn(4, 9), N8, N8, ValueError, r"add_layer_norm: residual has shape \(4, 9\), expected x's"),
+        (X48, torch.randn(8), N8, N8, ValueError, r"residual has shape \(8,\)"),  # no broadcasting
+        (X48, X48.bfloat16(), N8, N8, TypeError, "residual has dtype torch.bfloat16, expected x's torch.float32"),
+        (X48, torch.ones(4, 8, dtype=torch.int32), N8, N8, TypeError, "residual has dtype torch.int32; supported"),
+        (X48, None, N8, N8, TypeError, "add_layer_norm: residual must be a tensor"),
+        (X48, torch.randn(4, 8, device="meta"), N8, N8, ValueError, "add_layer_norm: all inputs must be on one device"),
+        (X48, X48, torch.ones(9), N8, ValueError, r"add_layer_norm: weight has shape \(9,\)"),
+        (torch.randn(4, 8, dtype=torch.half),) * 2 + (N8.bfloat16(), N8, TypeError, "weight must be float32 or x's"),
+        (torch.randn(2, MAX_N + 1),) * 2 + (torch.ones(MAX_N + 1),) * 2 + (ValueError, "1 to 4096 elements"),
+    ],
+)
+def test_add_bad_input(x, r, w, b, error, match):
+    with pytest.raises(error, match=match):
+        add_layer_norm(x, r, w, b)
+    with pytest.raises(ValueError, match="add_layer_norm: eps must be a positive number"):
+        add_layer_norm(X48, X48, N8, N8, eps=-1.0)
+
+
+def test_add_torch_compile_traces_without_graph_breaks():
+    """Both outputs in one (stacked) result, so that gradients reach h and y; strided bf16 inputs."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 8, 37, generator=g).to(torch.bfloat16)[:, 1::2]  # strided rows, 3-D
+    r = torch.randn(3, 37, 4, generator=g).to(torch.bfloat16).transpose(1, 2)  # strided columns
+    w, b = _params(37, torch.float32, seed=14)
+    dout = torch.randn((2, *x.shape), generator=g).to(torch.bfloat16)
+    assert_compiles_like_eager(lambda *a: torch.stack(add_layer_norm(*a)), (x, r, w, b), dout)
