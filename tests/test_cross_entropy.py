@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_
+from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -35,7 +35,7 @@ def poisoned_empty(monkeypatch):
 
 
 def make_inputs(N, V, dtype, n_ignored=0, magnitude=1.0, ignore_index=-100, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     logits = (torch.randn(N, V, generator=g) * magnitude).to(dtype)
     target = torch.randint(0, V, (N,), generator=g)
     target[torch.randperm(N, generator=g)[:n_ignored]] = ignore_index
@@ -49,7 +49,7 @@ def grad_output_for(reduction, N, dtype, seed=1):
         return torch.tensor(1.0, dtype=dtype)
     if reduction == "sum":
         return torch.tensor(0.75, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     return (torch.rand(N, generator=g) + 0.5).to(dtype)
 
 
@@ -96,7 +96,7 @@ def test_running_max_rescaling():
     # starts with -inf logits has no finite max for two chunks.
     N, V = 4, 1000
     ramp = torch.linspace(-20, 20, V)
-    logits = ramp + 0.1 * torch.randn(N, V, generator=torch.Generator().manual_seed(0))
+    logits = ramp + 0.1 * torch.randn(N, V, generator=seeded(0))
     logits[2] = 0.0
     logits[2, -1] = 30.0
     logits[3, :300] = float("-inf")  # a masked-out stretch: the first two chunks are all -inf
@@ -142,7 +142,7 @@ def test_ignore_index_that_is_a_class_id():
 def test_strided_logits_and_target(dtype):
     # A slice of a wider tensor (row stride 200 != V = 131, a prime) and a non-contiguous target.
     N, V = 6, 131
-    g = torch.Generator().manual_seed(5)
+    g = seeded(5)
     wide = torch.randn(N, 200, generator=g).to(dtype).requires_grad_()
     target = torch.randint(0, V, (2 * N,), generator=g)[::2]
     target[1] = -100
@@ -285,7 +285,7 @@ def test_fused_gpt_loss_compiles():
 # linear_cross_entropy: LM head + loss in chunks of rows, against the unfused F.linear + F.cross_entropy
 # ----------------------------------------------------------------------------------------------
 def make_head_inputs(N, C, V, dtype, n_ignored, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     x = torch.randn(N, C, generator=g).to(dtype)
     weight = (torch.randn(V, C, generator=g) * C**-0.5 * 3).to(dtype)
     target = torch.randint(0, V, (N,), generator=g)
