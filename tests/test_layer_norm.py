@@ -19,7 +19,7 @@ from kernels.layer_norm import (
     add_layer_norm,
     layer_norm,
 )
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_
+from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -54,7 +54,7 @@ def _check(x, w, b, dy=None):
 
 
 def _params(N, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = seeded(seed)
     return (1 + 0.5 * torch.randn(N, generator=g)).to(dtype), (0.5 * torch.randn(N, generator=g)).to(dtype)
 
 
@@ -179,7 +179,7 @@ def test_compile_specs_cover_every_launch():
 
 
 def test_torch_compile_traces_without_graph_breaks():
-    g = torch.Generator().manual_seed(5)
+    g = seeded(5)
     x = torch.randn(3, 8, 37, generator=g).to(torch.bfloat16)[:, 1::2]  # strided rows, 3-D
     w, b = _params(37, torch.float32, seed=5)
     dy = torch.randn(x.shape, generator=g).to(torch.bfloat16)
@@ -315,7 +315,7 @@ def test_add_bad_input(x, r, w, b, error, match):
 
 def test_add_torch_compile_traces_without_graph_breaks():
     """Both outputs in one (stacked) result, so that gradients reach h and y; strided bf16 inputs."""
-    g = torch.Generator().manual_seed(14)
+    g = seeded(14)
     x = torch.randn(3, 8, 37, generator=g).to(torch.bfloat16)[:, 1::2]  # strided rows, 3-D
     r = torch.randn(3, 37, 4, generator=g).to(torch.bfloat16).transpose(1, 2)  # strided columns
     w, b = _params(37, torch.float32, seed=14)
