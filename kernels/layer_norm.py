@@ -59,7 +59,7 @@ stream for the next branch:
     h = x + r,     y = LayerNorm(h)        (h: the new residual stream, which the block keeps)
 
 Unfused, the add writes h and LayerNorm reads it straight back. `add_layer_norm` runs both in the
-same one-row program (a HAS_RESIDUAL variant of the kernels above, so the LayerNorm is written
+same one-row program (a HAS_RESIDUAL variant of the two kernels below, so the LayerNorm is written
 once): load x and r, add in fp32, store h, and normalize the fp32 sum still in registers. (In fp16
 and bf16 that sum is normalized before h is rounded: y is one rounding away from the exact answer,
 not two.)

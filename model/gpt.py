@@ -79,6 +79,10 @@ class LayerNorm(nn.Module):
     def forward(self, x, ops):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def add_and_forward(self, x, residual, ops):
+        """(h, self(h)) with h = x + residual: the residual add and this norm in one op."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -130,9 +134,10 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, ops, cache=None, input_pos=None):
-        x = x + self.attn(self.norm1(x, ops), ops, cache, input_pos)  # (B, T, C): pre-LN, residual around attention
-        x = x + self.mlp(self.norm2(x, ops), ops)  # (B, T, C): pre-LN, residual around the MLP
-        return x
+        attn_out = self.attn(self.norm1(x, ops), ops, cache, input_pos)  # (B, T, C): pre-LN attention
+        # The book's x = x + attn_out, then norm2(x), as one op: fused, the sum is not written and read back.
+        h, n = self.norm2.add_and_forward(x, attn_out, ops)  # 2 x (B, T, C): residual around attention, norm2
+        return h + self.mlp(n, ops)  # (B, T, C): residual around the MLP
 
 
 class GPTModel(nn.Module):

@@ -1,9 +1,10 @@
 """The seam between the model and its compute: the four ops a GPT spends its time in.
 
-`GPTModel` calls attention, layer norm, bias+GELU and cross-entropy only through an `Ops` object, so
-the same weights run on PyTorch's fastest built-ins (`TorchOps`, the default) or on this project's
-Triton kernels (`FusedOps`) by swapping one object: `GPTModel(cfg, fused=True)` or
-`model.use_fused_kernels(True)`. The plain book math for the same ops is in `kernels/reference.py`.
+`GPTModel` calls attention, layer norm (alone, or with the residual add before it: `add_layer_norm`),
+bias+GELU and cross-entropy only through an `Ops` object, so the same weights run on PyTorch's
+fastest built-ins (`TorchOps`, the default) or on this project's Triton kernels (`FusedOps`) by
+swapping one object: `GPTModel(cfg, fused=True)` or `model.use_fused_kernels(True)`. The plain book
+math for the same ops is in `kernels/reference.py`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class TorchOps:
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
+    def add_layer_norm(self, x, residual, weight, bias, eps: float = 1e-5):
+        # (h, LayerNorm(h)) with h = x + residual, the updated residual stream
+        h = x + residual
+        return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
     def bias_gelu(self, x, bias):
         return F.gelu(x + bias, approximate="tanh")
 
@@ -79,6 +85,12 @@ class FusedOps:
 
     def layer_norm(self, x, weight, bias, eps: float = 1e-5):
         return _kernels().layer_norm(x, weight, bias, eps)
+
+    def add_layer_norm(self, x, residual, weight, bias, eps: float = 1e-5):
+        # Under autocast the residual stream stays fp32 while a branch's output comes out bf16: add in
+        # the wider dtype, as `x + residual` would (the kernel takes one dtype for both).
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        return _kernels().add_layer_norm(x.to(dtype), residual.to(dtype), weight, bias, eps)
 
     def bias_gelu(self, x, bias):
         return _kernels().bias_gelu(x, bias)
