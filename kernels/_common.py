@@ -1,4 +1,5 @@
-"""What every kernel file shares: where kernels run, input checks, launch configs, compile specs.
+"""What every kernel file shares: where kernels run, input checks, launch configs, compile specs; and
+what the row-wise kernels (bias_gelu, layer_norm) share: row views and a race-free column sum.
 
 Import this module before any `@triton.jit` kernel is defined. Triton decides at *decoration* time
 whether a kernel is compiled for a GPU or run by its interpreter (`TRITON_INTERPRET=1`), so on a
