@@ -225,19 +225,21 @@ class Compiled:
         return self.compiled(*args)
 
 
-def triton_kernel(name: str) -> Callable:
-    """kernels.<name>, imported when first called (so a missing kernel skips its rows only)."""
+def triton_kernel(name: str, module: str | None = None) -> Callable:
+    """kernels.<module>.<name> (module defaults to name), imported when first called (so a missing
+    kernel skips its rows only)."""
+    module = module or name
 
     def call(*args, **kwargs):
         import importlib
 
         try:
-            module = importlib.import_module(f"kernels.{name}")
+            mod = importlib.import_module(f"kernels.{module}")
         except ModuleNotFoundError as err:
-            if err.name != f"kernels.{name}":
+            if err.name != f"kernels.{module}":
                 raise
-            pytest.skip(f"kernels/{name}.py is not there yet")
-        return getattr(module, name)(*args, **kwargs)
+            pytest.skip(f"kernels/{module}.py is not there yet")
+        return getattr(mod, name)(*args, **kwargs)
 
     return call
 
@@ -325,6 +327,11 @@ def kernel_bench(
             extra[f"vs_{base}"] = sig(base_ms / ms)
     benchmark.extra_info.update(extra)
     run_pedantic(benchmark, step, device, rounds=50, warmup_rounds=5)
+
+
+# The end-to-end benches time the PyTorch path on a CPU too, but not the kernels: off-GPU they run in
+# Triton's interpreter.
+FUSED_NEEDS_CUDA = "no CUDA device: the fused path would run the kernels in Triton's interpreter, no speed path"
 
 
 def skip_without_cuda() -> torch.device:

@@ -17,7 +17,7 @@ no-cache run dominates the suite: 200 full forward passes over a growing prefix 
 import pytest
 import torch
 
-from bench_util import device_name, peak_memory, sig, time_call
+from bench_util import FUSED_NEEDS_CUDA, device_name, peak_memory, sig, time_call
 from model import GPTConfig, GPTModel
 from model.generate import generate
 
@@ -90,7 +90,7 @@ def measure_generate(model, impl, decode, batch, device, quick, benchmark=None) 
 @pytest.mark.parametrize("impl", ["torch", "fused"])
 def test_generate(benchmark, gpt2, device, timings, impl, decode, batch):
     if impl == "fused" and device.type != "cuda":
-        pytest.skip("no CUDA device: the fused path would run the kernels in Triton's interpreter, no speed path")
+        pytest.skip(FUSED_NEEDS_CUDA)
     if decode == "cuda_graph" and device.type != "cuda":
         pytest.skip("no CUDA device: CUDA graphs need one")
     quick = benchmark.disabled

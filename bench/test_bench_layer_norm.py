@@ -77,11 +77,7 @@ class _GradToH(torch.autograd.Function):
         return ctx.dh, dy, None
 
 
-def _add_ln(x, r, w, b):
-    # Imported on first call, as triton_kernel does (which cannot: the function is not its module's name).
-    from kernels.layer_norm import add_layer_norm
-
-    return add_layer_norm(x, r, w, b, EPS)
+_add_ln = triton_kernel("add_layer_norm", module="layer_norm")
 
 
 def _with_grad_to_h(fn):
@@ -101,7 +97,7 @@ class _CompiledWithGradToH(Compiled):
 
 
 ADD_IMPLS = {
-    "triton": _with_grad_to_h(_add_ln),
+    "triton": _with_grad_to_h(lambda x, r, w, b: _add_ln(x, r, w, b, EPS)),
     "eager": _with_grad_to_h(_add_then_layer_norm),
     "compile": _CompiledWithGradToH(_add_then_layer_norm),
 }

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 
-from bench_util import device_name, gpt_train_flops, peak_bf16_tflops, peak_memory, sig, sync, time_call
+from bench_util import FUSED_NEEDS_CUDA, device_name, gpt_train_flops, peak_bf16_tflops, peak_memory, sig, sync, time_call
 from model import GPTConfig, GPTModel
 
 PRESET = "gpt2-124M"
@@ -87,7 +87,7 @@ def measure_train(impl: str, device: torch.device, quick: bool, benchmark=None) 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_train_step(benchmark, device, timings, impl):
     if impl == "fused" and device.type != "cuda":
-        pytest.skip("no CUDA device: the fused path would run the kernels in Triton's interpreter, no speed path")
+        pytest.skip(FUSED_NEEDS_CUDA)
     if impl == "compile" and device.type != "cuda":
         pytest.skip("no CUDA device: torch.compile on a CPU spends minutes building C++; the CPU bench keeps to eager")
     quick = benchmark.disabled

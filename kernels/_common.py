@@ -121,14 +121,14 @@ NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS build
 INTERPRETER_PROGRAMS = 4
 
 
-def _num_programs(device: torch.device, per_sm: int) -> int:
+def num_programs(device: torch.device, per_sm: int) -> int:
     """per_sm programs for every SM of device's GPU (INTERPRETER_PROGRAMS off-GPU)."""
     if device.type == "cuda":
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_PROGRAMS
 
 
-def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
+def as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
     """(..., N) -> (M, N) with unit column stride and any row stride. `reshape` is a view whenever
     the rows are evenly spaced (a contiguous tensor, a column slice of a wider one, an expanded
     gradient); it copies only when they are not (e.g. a permuted 3-D tensor). Columns must be unit
@@ -165,7 +165,7 @@ def _sum_partials_kernel(
 _SUM_PARTIALS_CONFIG = {"BLOCK_G": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": NUM_STAGES}
 
 
-def _sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(n_groups, N) fp32 -> (N,) column sums in `dtype`."""
     n_groups, N = partial.shape
     out = torch.empty(N, dtype=dtype, device=partial.device)

@@ -68,15 +68,15 @@ from kernels._common import (  # must precede the @triton.jit kernels (switches 
     NUM_STAGES,
     SUM_PARTIALS_COMPILE_SPECS,
     CompileSpec,
-    _as_rows,
-    _num_programs,
-    _sum_partials,
+    as_rows,
     cast_for_store,
     check_device,
     check_dtype,
     check_ndim,
     device_guard,
     next_power_of_2,
+    num_programs,
+    sum_partials,
 )
 
 import triton  # noqa: E402
@@ -186,7 +186,7 @@ def _launch_config(N: int) -> dict:
 
 
 def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
-    """y (M, N) contiguous <- GELU(x2 + bias). x2 from `_as_rows`, inputs checked."""
+    """y (M, N) contiguous <- GELU(x2 + bias). x2 from `as_rows`, inputs checked."""
     M, N = x2.shape
     if M == 0:
         return
@@ -204,7 +204,7 @@ def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: 
     cfg = _launch_config(N)
     n_col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
-    want_groups = max(1, min(n_row_tiles, _num_programs(x2.device, PROGRAMS_PER_SM) // n_col_blocks))
+    want_groups = max(1, min(n_row_tiles, num_programs(x2.device, PROGRAMS_PER_SM) // n_col_blocks))
     tiles_per_group = triton.cdiv(n_row_tiles, want_groups)
     n_groups = triton.cdiv(n_row_tiles, tiles_per_group)  # no empty group at the end
     partial = torch.empty((n_groups, N), dtype=torch.float32, device=x2.device)
@@ -213,7 +213,7 @@ def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: 
             x2, bias, dy2, dx, partial, x2.stride(0), dy2.stride(0), M, N,
             tiles_per_group * cfg["BLOCK_M"], **cfg,
         )
-    return _sum_partials(partial, bias.dtype)
+    return sum_partials(partial, bias.dtype)
 
 
 def _check_inputs(x, bias):
@@ -268,7 +268,7 @@ class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias):
         _check_inputs(x, bias)
-        x2 = _as_rows(x, x.shape[-1])
+        x2 = as_rows(x, x.shape[-1])
         bias = bias.contiguous()
         y = _bias_gelu_fwd_op(x2, bias)
         ctx.save_for_backward(x2, bias)  # the input only: z, u and s are recomputed in backward
@@ -279,7 +279,7 @@ class BiasGeluFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x2, bias = ctx.saved_tensors
-        dx, dbias = _bias_gelu_bwd_op(_as_rows(dy, x2.shape[1]), x2, bias)
+        dx, dbias = _bias_gelu_bwd_op(as_rows(dy, x2.shape[1]), x2, bias)
         return dx.view(ctx.x_shape), dbias
 
 

@@ -95,14 +95,14 @@ from torch.autograd.function import once_differentiable
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
     NUM_STAGES,
     CompileSpec,
-    _as_rows,
-    _num_programs,
-    _sum_partials,
+    as_rows,
     cast_for_store,
     check_device,
     check_dtype,
     device_guard,
     next_power_of_2,
+    num_programs,
+    sum_partials,
 )
 
 import triton  # noqa: E402
@@ -244,7 +244,7 @@ def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, d
     M, N = x2.shape
     if M == 0:
         return torch.zeros(N, dtype=weight_dtype, device=x2.device), torch.zeros(N, dtype=bias_dtype, device=x2.device)
-    want_groups = max(1, min(M, _num_programs(x2.device, GROUPS_PER_SM)))
+    want_groups = max(1, min(M, num_programs(x2.device, GROUPS_PER_SM)))
     rows_per_group = triton.cdiv(M, want_groups)
     n_groups = triton.cdiv(M, rows_per_group)  # no empty group at the end
     partial = torch.empty((n_groups, 2 * N), dtype=torch.float32, device=x2.device)
@@ -256,7 +256,7 @@ def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, d
             x2, weight, dy2, dh2, dx, mean, rstd, partial, x2.stride(0), dy2.stride(0), dh2.stride(0),
             M, N, rows_per_group, **_launch_config(N, has_residual),
         )
-    dwdb = _sum_partials(partial, torch.float32)  # (2N,): one reduction launch for both gradients
+    dwdb = sum_partials(partial, torch.float32)  # (2N,): one reduction launch for both gradients
     # copy=True: two separate tensors, not views of one buffer (a custom op's outputs may not alias).
     return dwdb[:N].to(weight_dtype, copy=True), dwdb[N:].to(bias_dtype, copy=True)
 
@@ -357,7 +357,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps=1e-5):
         _check_inputs(x, weight, bias, eps)
-        x2 = _as_rows(x, x.shape[-1])
+        x2 = as_rows(x, x.shape[-1])
         weight, bias = weight.contiguous(), bias.contiguous()
         y, mean, rstd = _layer_norm_fwd_op(x2, weight, bias, float(eps))
         ctx.save_for_backward(x2, weight, mean, rstd)
@@ -368,7 +368,7 @@ class LayerNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
-        dy2 = _as_rows(dy, x2.shape[1])
+        dy2 = as_rows(dy, x2.shape[1])
         dx, dw, db = _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, ctx.bias_dtype)
         return dx.view(ctx.x_shape), dw, db, None
 
@@ -379,7 +379,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         _check_inputs(x, weight, bias, eps, residual, op=_ADD_OP)
         N = x.shape[-1]
         weight, bias = weight.contiguous(), bias.contiguous()
-        h, y, mean, rstd = _add_layer_norm_fwd_op(_as_rows(x, N), _as_rows(residual, N), weight, bias, float(eps))
+        h, y, mean, rstd = _add_layer_norm_fwd_op(as_rows(x, N), as_rows(residual, N), weight, bias, float(eps))
         ctx.save_for_backward(h, weight, mean, rstd)  # h, the LayerNorm's input: not x and residual
         ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
         # A gradient that does not reach one output arrives as None, not as a tensor of zeros to read.
@@ -393,8 +393,8 @@ class AddLayerNormFunction(torch.autograd.Function):
         if dy is None:  # only h was used: dX = dR = dh, and the LayerNorm's parameters get no gradient
             return dh, dh, None, None, None
         N = h2.shape[1]
-        dh2 = None if dh is None else _as_rows(dh, N)
-        dx, dw, db = _layer_norm_bwd_op(_as_rows(dy, N), h2, weight, mean, rstd, ctx.bias_dtype, dh2)
+        dh2 = None if dh is None else as_rows(dh, N)
+        dx, dw, db = _layer_norm_bwd_op(as_rows(dy, N), h2, weight, mean, rstd, ctx.bias_dtype, dh2)
         dx = dx.view(ctx.x_shape)
         return dx, dx, dw, db, None  # h = x + residual: one gradient, the same tensor for both
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
-from kernels.bias_gelu import COMPILE_SPECS, _as_rows, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
+from kernels._common import as_rows
+from kernels.bias_gelu import COMPILE_SPECS, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
 from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -107,8 +108,8 @@ def test_every_output_element_is_written():
     torch.manual_seed(5)
     x, bias, dy = torch.randn(300, 100), torch.randn(100), torch.randn(300, 100)
     y, dx = poison_(torch.empty(300, 100)), poison_(torch.empty(300, 100))
-    _bias_gelu_fwd(_as_rows(x, 100), bias, y)
-    dbias = _bias_gelu_bwd(_as_rows(dy, 100), _as_rows(x, 100), bias, dx)
+    _bias_gelu_fwd(as_rows(x, 100), bias, y)
+    dbias = _bias_gelu_bwd(as_rows(dy, 100), as_rows(x, 100), bias, dx)
     _, exact_dx, exact_db = _fwd_bwd(reference.bias_gelu, x.double(), bias.double(), dy.double())
     torch_ = _fwd_bwd(lambda a, b: F.gelu(a + b, approximate="tanh"), x, bias, dy)
     assert_close_to_reference("y", y, reference.bias_gelu(x.double(), bias.double()), torch_[0])

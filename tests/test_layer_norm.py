@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference
+from kernels._common import as_rows
 from kernels.layer_norm import (
     COMPILE_SPECS,
     MAX_N,
-    _as_rows,
     _launch_config,
     _layer_norm_bwd,
     _layer_norm_fwd,
@@ -117,8 +117,8 @@ def test_every_output_element_is_written():
     x, dy, (w, b) = torch.randn(M, N), torch.randn(M, N), _params(N, torch.float32)
     y, dx = poison_(torch.empty(M, N)), poison_(torch.empty(M, N))
     mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
-    _layer_norm_fwd(_as_rows(x, N), w, b, 1e-5, y, mean, rstd)
-    dw, db = _layer_norm_bwd(_as_rows(dy, N), _as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
+    _layer_norm_fwd(as_rows(x, N), w, b, 1e-5, y, mean, rstd)
+    dw, db = _layer_norm_bwd(as_rows(dy, N), as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
     exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
     torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
     for name, g, e, t in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), exact, torch_):
