@@ -8,17 +8,9 @@ Reading order (each file is a lesson: math and memory traffic, kernel, launcher,
   4. flash_attention.py  tiling + online softmax + causal block skipping, and the recomputing backward
   5. decode_attention.py flash-decoding: one query token against a long KV cache, split across programs
 
-Importing `kernels` imports Triton; on a machine without CUDA, `kernels._common` switches on Triton's
-interpreter first. `kernels/reference.py` is the same math in plain PyTorch.
+Import each op from its lesson: `from kernels.layer_norm import layer_norm`. This package imports
+nothing itself, so `kernels.layer_norm` is always the module, never a function of the same name, and
+importing one lesson does not import (and compile) the others. On a machine without CUDA,
+`kernels._common` switches on Triton's interpreter before any kernel is defined.
+`kernels/reference.py` is the same math in plain PyTorch.
 """
-
-from kernels.bias_gelu import bias_gelu
-from kernels.cross_entropy import cross_entropy
-from kernels.decode_attention import decode_attention
-from kernels.flash_attention import flash_attention
-from kernels.layer_norm import add_layer_norm, layer_norm
-
-# Each public function has the name of its file, so these imports replace the package attributes
-# that point at the submodules: `kernels.layer_norm` is the function. Reach a module's other pieces
-# with `from kernels.layer_norm import LayerNormFunction`.
-__all__ = ["flash_attention", "layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "decode_attention"]

@@ -58,9 +58,17 @@ class TorchOps:
 
 
 def _kernels():
-    import kernels  # here, not at the top: the PyTorch path needs no Triton
+    # Imported here, not at the top: the PyTorch path needs no Triton.
+    from types import SimpleNamespace
 
-    return kernels
+    from kernels.bias_gelu import bias_gelu
+    from kernels.cross_entropy import cross_entropy
+    from kernels.decode_attention import decode_attention
+    from kernels.flash_attention import flash_attention
+    from kernels.layer_norm import add_layer_norm, layer_norm
+
+    return SimpleNamespace(flash_attention=flash_attention, decode_attention=decode_attention, layer_norm=layer_norm,
+                           add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy)
 
 
 class FusedOps:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.testing import DEVICE
+from accuracy import DEVICE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kernels import reference
 from kernels._common import as_rows
 from kernels.bias_gelu import COMPILE_SPECS, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]

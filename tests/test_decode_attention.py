@@ -19,7 +19,7 @@ from kernels.decode_attention import (
     decode_attention,
 )
 from kernels.reference import attention
-from kernels.testing import assert_close_to_reference, seeded
+from accuracy import assert_close_to_reference, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

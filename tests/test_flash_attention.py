@@ -17,7 +17,7 @@ from kernels.flash_attention import (
     _pruner,
     flash_attention,
 )
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 
 def _fwd_bwd(fn, q, k, v, do, **kw):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from kernels.testing import seeded
+from accuracy import seeded
 from model import GPTConfig, GPTModel
 
 # Awkward on purpose: head dim 24 is not a power of 2, T = 13 is prime, V = 101 is prime.

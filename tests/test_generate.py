@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.testing import seeded
+from accuracy import seeded
 from model import GPTConfig, GPTModel, generate, stream_generate
 from model.generate import sample_next
 from model.kv_cache import KVCaches

@@ -19,7 +19,7 @@ from kernels.layer_norm import (
     add_layer_norm,
     layer_norm,
 )
-from kernels.testing import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
