@@ -86,16 +86,17 @@ class Launch:
                 if (kind is None or e.kind == kind) and (arg is None or e.arg == arg):
                     yield pid, e
 
-    def bytes(self) -> dict:
-        """{argument: {"read": bytes, "written": bytes}} over every program."""
+    def bytes(self, names=None) -> dict:
+        """{argument: {"read": bytes, "written": bytes}} over every program. names: the arguments one
+        expects (e.g. a formula's keys): a joint name "H|Y" becomes the one of them among names."""
         out: dict = {}
         for _, e in self.events():
             if e.kind in ("load", "store"):
-                rw = out.setdefault(e.arg, {"read": 0, "written": 0})
+                rw = out.setdefault(_resolve(e.arg, names), {"read": 0, "written": 0})
                 rw["read" if e.kind == "load" else "written"] += e.bytes
         return out
 
-    def distinct_bytes(self) -> dict:
+    def distinct_bytes(self, names=None) -> dict:
         """{argument: {"read": bytes, "written": bytes}} counting each element once (a perfect cache)."""
         seen: dict = {}
         sizes: dict = {}
@@ -105,7 +106,7 @@ class Launch:
                 sizes[e.arg] = e.elsize
         out: dict = {}
         for (arg, kind), idx in seen.items():
-            rw = out.setdefault(arg, {"read": 0, "written": 0})
+            rw = out.setdefault(_resolve(arg, names), {"read": 0, "written": 0})
             rw["read" if kind == "load" else "written"] = int(np.unique(np.concatenate(idx)).size) * sizes[arg]
         return out
 
@@ -116,17 +117,31 @@ class Launch:
         return {n: self.args[n] for n in names if n in self.args}
 
 
+def _resolve(arg: str, names) -> str:
+    if names is None or arg is None or "|" not in arg:
+        return arg
+    hits = [n for n in arg.split("|") if n in names]
+    return hits[0] if len(hits) == 1 else arg
+
+
 class _ArgMap:
     """Which tensor argument a pointer tile falls in, and the logical indices of its elements."""
 
     def __init__(self, named: dict):
         self.tensors = []
+        # Arguments that are one and the same tensor (a launcher's placeholder for an unused pointer,
+        # e.g. layer_norm's H = Y without a residual) cannot be told apart by address: they get one
+        # joint name, "H|Y", which `Launch.bytes(names=...)` resolves.
+        same: dict = {}
         for name, t in named.items():
             if isinstance(t, torch.Tensor) and t.numel() > 0:
-                es = t.element_size()
-                lo = t.data_ptr() + es * sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
-                hi = t.data_ptr() + es * (1 + sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride())))
-                self.tensors.append((name, t, lo, hi, es))
+                same.setdefault((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), []).append(name)
+        for names in same.values():
+            name, t = "|".join(names), named[names[0]]
+            es = t.element_size()
+            lo = t.data_ptr() + es * sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+            hi = t.data_ptr() + es * (1 + sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride())))
+            self.tensors.append((name, t, lo, hi, es))
         self._lookup: dict = {}
 
     def _table(self, name, t, lo, es):
@@ -253,20 +268,55 @@ def trace(values: bool = False, keep=None):
 class TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Each ATen op that runs while active, with the bytes of its tensor inputs (read) and outputs
     (written), and 2 * M * N * K FLOPs for matmuls: the traffic of eager PyTorch, one kernel per op,
-    each reading its operands from memory and writing its result. Views move nothing and are skipped."""
+    each reading its operands from memory and writing its result. Views move nothing and are skipped.
+
+    Our own custom ops (namespace gpt_triton) are opened up: their Python bodies run under the counter,
+    so the torch ops inside (linear_cross_entropy's matmuls) are counted too. The interpreter's own
+    bookkeeping while it runs a Triton launch (copying arguments to and from the host) is not counted:
+    a `trace()` records the launch itself."""
 
     MATMULS = ("mm", "addmm", "bmm", "matmul")
 
     def __init__(self):
         super().__init__()
         self.ops: list[dict] = []
+        self._paused = 0
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interp
+
+        self._orig_call = orig = interp.GridExecutor.__call__
+        counter = self
+
+        def call(executor, *args, **kwargs):
+            counter._paused += 1
+            try:
+                return orig(executor, *args, **kwargs)
+            finally:
+                counter._paused -= 1
+
+        interp.GridExecutor.__call__ = call
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import triton.runtime.interpreter as interp
+
+        interp.GridExecutor.__call__ = self._orig_call
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._paused:
+            return func(*args, **kwargs)
+        if func.namespace == "gpt_triton":
+            from torch._library.custom_ops import OPDEFS
+
+            with self:  # the mode is popped while it handles an op: push it again for the op's body
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if torch.Tag.view_copy not in func.tags and not _is_view(func):
-            ins = [t for t in _tensors(args) + _tensors(kwargs)]
+        if not _is_view(func) and name not in ("empty", "empty_like", "empty_strided", "new_empty"):
+            ins = _tensors(args) + _tensors(kwargs)
             outs = _tensors(out)
             if name.endswith("_") or "out" in kwargs:  # in place: the first operand is read and written
                 outs = outs[:1]
@@ -277,6 +327,11 @@ class TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
             self.ops.append({"op": name, "read": sum(_nbytes(t) for t in ins),
                              "written": sum(_nbytes(t) for t in outs), "flops": flops})
         return out
+
+    def totals(self, ops=None) -> dict:
+        """{"read", "written", "flops"} summed over the ops (all, or those named in `ops`)."""
+        sel = [o for o in self.ops if ops is None or o["op"] in ops]
+        return {k: sum(o[k] for o in sel) for k in ("read", "written", "flops")}
 
 
 def _is_view(func) -> bool:
