@@ -45,7 +45,7 @@ DEFAULT_SHAPES = {
     "add_layer_norm": (64, 768),
     "bias_gelu": (64, 3072),  # M rows, N = 4C
     "cross_entropy": (16, 5000),  # N rows, V
-    "linear_cross_entropy": (32, 64, 5000),  # N rows, C, V
+    "linear_cross_entropy": (256, 64, 4000),  # N rows, C, V (V / C as in GPT-2: chunks of 5 rows)
 }
 SHAPE_NAMES = {
     "flash_attention": "B,H,Tq,Tk,D", "decode_attention": "B,H,Tq,L_max,D", "layer_norm": "M,N",
@@ -336,7 +336,8 @@ def _explain_decode_attention(shape, dtype, backward, out, seed, seq_lens=None):
     w = w / w.sum()
     combined = (w[:, None] * o_part).sum(0)
     rep.extra["splits"] = {"num_splits": ns, "BLOCK_N": bn, "ranges": {f"b{b}.s{s}": r for (b, s), r in reads.items()},
-                           "formula_ranges": {f"b{b}": da.split_ranges(L, n, bn, ns) for b, n in enumerate(lens)}}
+                           "formula_ranges": {f"b{b}": [r if r[1] > r[0] else None for r in da.split_ranges(L, n, bn, ns)]
+                                              for b, n in enumerate(lens)}}
     rep.extra["combine"] = {"lse2": lse.tolist(), "weights": w.tolist(),
                             "max_abs_diff_vs_kernel": float((combined - o[0, 0, 0].double()).abs().max())}
     visible = sum(n - Tq + t + 1 for n in lens for t in range(Tq))  # keys each query sees
@@ -352,21 +353,30 @@ def _explain_decode_attention(shape, dtype, backward, out, seed, seq_lens=None):
 # ----------------------------------------------------------------------------------------------
 # the row-wise kernels
 # ----------------------------------------------------------------------------------------------
-def _count_torch(fn, backward: bool, grad_of=None):
-    """Run fn() (and, with backward, the backward of its output with a random gradient) under a
-    TorchOpCounter, outside any trace: the eager PyTorch sequence's traffic."""
+def _backward(y, counter, grad_of, leaves):
+    """Gradients of the output(s) y for the leaves, with random output gradients made uncounted.
+    torch.autograd.grad, not .backward(): the leaves' .grad accumulation (a copy when the gradient
+    buffer is still referenced, as a fused kernel's saved gradient is) belongs to the driver, not the op."""
+    outs = y if isinstance(y, tuple) else (y,)
+    with counter.paused():
+        grads = [torch.ones_like(t) if t.dim() == 0 else grad_of(t) for t in outs]
+    torch.autograd.grad(outs, [t for t in leaves if t.requires_grad], grads)
+
+
+def _count_torch(fn, backward: bool, grad_of, leaves):
+    """Run fn() (and, with backward, its backward) under a TorchOpCounter, outside any trace: the eager
+    PyTorch sequence's traffic."""
     with TorchOpCounter() as c:
         y = fn()
         if backward:
-            y = y[-1] if isinstance(y, tuple) else y
-            y.backward(torch.ones_like(y) if y.dim() == 0 else grad_of(y))
+            _backward(y, c, grad_of, leaves)
     return c
 
 
-def _unfused(rep, variants: dict, backward: bool, grad_of):
+def _unfused(rep, variants: dict, backward: bool, grad_of, leaves):
     rep.extra["unfused"] = {}
     for name, fn in variants.items():
-        c = _count_torch(fn, backward, grad_of)
+        c = _count_torch(fn, backward, grad_of, leaves)
         rep.extra["unfused"][name] = {**c.totals(), "ops": len(c.ops)}
 
 
@@ -390,7 +400,8 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
         x, w, b = rand(M, N), rand(N, dt=torch.float32), rand(N, dt=torch.float32)
         r = rand(M, N) if op == "add_layer_norm" else None
         fused = (lambda: ln.add_layer_norm(x, r, w, b)) if r is not None else (lambda: ln.layer_norm(x, w, b))
-        launches, y = _run_fused(fused, backward, grad_of, torch_ops)
+        leaves = [x, w, b] + ([r] if r is not None else [])
+        launches, y = _run_fused(fused, backward, grad_of, torch_ops, leaves)
         ng = next((la.grid[0] for la in launches if la.kernel == "_layer_norm_bwd_kernel"), 1)
         labels = {"_layer_norm_fwd_kernel": "fwd", "_layer_norm_bwd_kernel": "bwd", "_sum_partials_kernel": "sum_partials"}
         for la in launches:
@@ -416,7 +427,8 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
 
         M, N = shape
         x, b = rand(M, N), rand(N, dt=torch.float32)
-        launches, y = _run_fused(lambda: bg.bias_gelu(x, b), backward, grad_of, torch_ops)
+        leaves = [x, b]
+        launches, y = _run_fused(lambda: bg.bias_gelu(x, b), backward, grad_of, torch_ops, leaves)
         ng = next((la.grid[0] for la in launches if la.kernel == "_bias_gelu_bwd_kernel"), 1)
         labels = {"_bias_gelu_fwd_kernel": "fwd", "_bias_gelu_bwd_kernel": "bwd", "_sum_partials_kernel": "sum_partials"}
         for la in launches:
@@ -438,7 +450,8 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
         target = torch.randint(0, V, (N,), generator=g)
         target[N // 2] = -100  # one ignored row, to show it costs no logits read
         n_valid = int((target != -100).sum())
-        launches, y = _run_fused(lambda: ce.cross_entropy(logits, target), backward, grad_of, torch_ops)
+        leaves = [logits]
+        launches, y = _run_fused(lambda: ce.cross_entropy(logits, target), backward, grad_of, torch_ops, leaves)
         for la in launches:
             rep.kernels.append(_count(la, "fwd", ce.memory_traffic("fwd", N, V, logits.element_size(), n_valid),
                                       ce.flops("fwd")))
@@ -453,7 +466,8 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
         target = torch.randint(0, V, (N,), generator=g)
         target[N // 2] = -100
         n_valid = int((target != -100).sum())
-        launches, y = _run_fused(lambda: ce.linear_cross_entropy(x, W, target), backward, grad_of, torch_ops)
+        leaves = [x, W]
+        launches, y = _run_fused(lambda: ce.linear_cross_entropy(x, W, target), backward, grad_of, torch_ops, leaves)
         chunk = launches[0].grid[0] if launches else N
         fm = ce.linear_cross_entropy_memory_traffic(N, C, V, x.element_size(), n_valid, chunk)
         kern = {a: v for a, v in fm.items() if a != "matmul"}
@@ -480,7 +494,7 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
     others = [o for o in torch_ops.ops if o["op"] not in TorchOpCounter.MATMULS]
     rep.extra["torch_ops"] = {k: sum(o[k] for o in others) for k in ("read", "written", "flops")}
     rep.extra["torch_ops"]["ops"] = len(others)
-    _unfused(rep, variants, backward, grad_of)
+    _unfused(rep, variants, backward, grad_of, leaves)
     if out:
         from tools import explain_plots as plots
 
@@ -493,15 +507,13 @@ def _add_then_ln(x, r, w, b):
     return h, torch.nn.functional.layer_norm(h, (x.shape[-1],), w, b)
 
 
-def _run_fused(fn, backward, grad_of, counter):
+def _run_fused(fn, backward, grad_of, counter, leaves):
     """fn() and, with backward, its backward, under a trace (the Triton launches) and a TorchOpCounter
     (the torch ops around them: checks, reductions, linear_cross_entropy's matmuls)."""
     with trace() as launches, counter:
         y = fn()
         if backward:
-            outs = y if isinstance(y, tuple) else (y,)
-            grads = [torch.ones_like(t) if t.dim() == 0 else grad_of(t) for t in outs]
-            torch.autograd.backward(outs, grads)
+            _backward(y, counter, grad_of, leaves)
     return launches, y
 
 

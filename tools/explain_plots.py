@@ -165,9 +165,15 @@ def rowwise_bytes(rep, out: str) -> str:
     ax.legend(fontsize=7)
     ax = axes[1]
     tot = rep.measured_totals()
-    names = list(rep.extra.get("unfused", {})) + ["fused (traced)", "physical minimum"]
-    rd = [v["read"] for v in rep.extra.get("unfused", {}).values()] + [tot["read"], rep.minimum["read"]]
-    wr = [v["written"] for v in rep.extra.get("unfused", {}).values()] + [tot["written"], rep.minimum["written"]]
+    dist = {"read": 0, "written": 0}
+    for k in rep.kernels:
+        for rw in k.distinct.values():
+            dist["read"] += rw["read"]
+            dist["written"] += rw["written"]
+    names = list(rep.extra.get("unfused", {})) + ["fused (traced)", "fused (distinct elements)", "physical minimum"]
+    rd = [v["read"] for v in rep.extra.get("unfused", {}).values()] + [tot["read"], dist["read"], rep.minimum["read"]]
+    wr = ([v["written"] for v in rep.extra.get("unfused", {}).values()]
+          + [tot["written"], dist["written"], rep.minimum["written"]])
     x = range(len(names))
     ax.bar(x, [r / 1024 for r in rd], color="#4c72b0", label="read")
     ax.bar(x, [w / 1024 for w in wr], bottom=[r / 1024 for r in rd], color="#dd8452", label="written")

@@ -276,6 +276,7 @@ class TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     a `trace()` records the launch itself."""
 
     MATMULS = ("mm", "addmm", "bmm", "matmul")
+    ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")  # move no bytes
 
     def __init__(self):
         super().__init__()
@@ -315,18 +316,35 @@ class TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
                 return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if not _is_view(func) and name not in ("empty", "empty_like", "empty_strided", "new_empty"):
-            ins = _tensors(args) + _tensors(kwargs)
-            outs = _tensors(out)
+        ins = _tensors(args) + _tensors(kwargs)
+        outs = _tensors(out)
+        if not _is_view(name, kwargs, ins, outs) and name not in self.ALLOCATIONS:
             if name.endswith("_") or "out" in kwargs:  # in place: the first operand is read and written
                 outs = outs[:1]
+                if name == "copy_":  # ... except by a copy, which only writes it
+                    ins = ins[1:]
+            read = sum(_nbytes(t) for t in ins)
+            if name in _GATHERS:  # reads one element per index of its big input, not all of it
+                big, index = ins[0], ins[_GATHERS[name]]
+                read = read - _nbytes(big) + index.numel() * big.element_size()
+            elif name == "nll_loss_backward":  # uses its input (the log-probabilities) for its shape only
+                read -= _nbytes(ins[1])
             flops = 0
             if name in self.MATMULS:
                 a, b = ins[-2], ins[-1]
                 flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
-            self.ops.append({"op": name, "read": sum(_nbytes(t) for t in ins),
+            self.ops.append({"op": name, "read": read,
                              "written": sum(_nbytes(t) for t in outs), "flops": flops})
         return out
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Run torch ops uncounted (a driver's own inputs, say)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def totals(self, ops=None) -> dict:
         """{"read", "written", "flops"} summed over the ops (all, or those named in `ops`)."""
@@ -334,8 +352,17 @@ class TorchOpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return {k: sum(o[k] for o in sel) for k in ("read", "written", "flops")}
 
 
-def _is_view(func) -> bool:
-    return any(a.alias_info is not None and not a.alias_info.is_write for a in func._schema.returns)
+# ops that read their first input at the positions of an index argument (its position among the tensors)
+_GATHERS = {"nll_loss_forward": 1, "gather": 1, "index_select": 1, "embedding": 1}
+
+
+def _is_view(name: str, kwargs: dict, ins: list, outs: list) -> bool:
+    """An op that returned a view of an input (a slice, a transpose, `to` a dtype it already has):
+    its outputs live in an input's storage and it is not an in-place or out= op."""
+    if name.endswith("_") or "out" in kwargs or not outs:
+        return False
+    storages = {t.untyped_storage().data_ptr() for t in ins if t.numel()}
+    return all(t.untyped_storage().data_ptr() in storages for t in outs if t.numel())
 
 
 def _tensors(x) -> list:
