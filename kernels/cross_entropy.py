@@ -364,16 +364,21 @@ _LCE_OP = "linear_cross_entropy"
 # and writing its result) and its launches of the kernel above, for "mean" or "sum".
 def linear_cross_entropy_memory_traffic(N: int, C: int, V: int, x_bytes: int, n_valid: int, chunk_size: int,
                                         want_grad: bool = True) -> dict:
-    """{"matmul": (read, written) over the chunk loop's matmuls, and each kernel argument summed over
-    the chunks' launches}. Per chunk of n rows: logits = x_c W^T reads x_c and W, writes n x V; with the
-    gradient also d x_c = g W (reads g and W, writes n x C) and g^T x_c (reads g and x_c, writes V x C).
-    W is read 1 + 2 (with the gradient) times per chunk: the price of never holding all the logits."""
+    """{"matmul": (read, written) over the chunk loop's matmuls, "add_": the same for its fp32 dW
+    accumulation, and each kernel argument summed over the chunks' launches}. Per chunk of n rows:
+    logits = x_c W^T reads x_c and W, writes n x V; with the gradient also d x_c = g W (reads g and W,
+    writes n x C) and g^T x_c (reads g and x_c, writes V x C), which `grad_w +=` adds into the fp32
+    (V, C) accumulator (reads both, writes it). So W is read 3 times and dW read and written once per
+    chunk: the price of never holding all the logits, and with chunks of about V / C rows (the
+    default) it is most of the traffic."""
     e, chunks = x_bytes, -(-N // chunk_size)
     read, written = N * C * e + chunks * V * C * e, N * V * e  # logits
+    acc = (0, 0)
     if want_grad:
         read += (N * V * e + chunks * V * C * e) + (N * V * e + N * C * e)
         written += N * C * e + chunks * V * C * e
-    return {"matmul": (read, written), **memory_traffic("fwd", N, V, e, n_valid, want_grad)}
+        acc = (chunks * V * C * (4 + e), chunks * V * C * 4)
+    return {"matmul": (read, written), "add_": acc, **memory_traffic("fwd", N, V, e, n_valid, want_grad)}
 
 
 def linear_cross_entropy_flops(N: int, C: int, V: int, want_grad: bool = True) -> int:

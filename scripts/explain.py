@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill", type=int, help="flash_attention: queries of the prefill case, against the Tk keys (default Tq/2)")
     p.add_argument("--row", type=int, help="flash_attention: the query row of the online-softmax picture (default Tq-1)")
+    p.add_argument("--non-causal", action="store_true", help="flash_attention: no causal mask")
     p.add_argument("--lens", help="decode_attention: the B sequence lengths, comma-separated")
     args = p.parse_args(argv)
 
@@ -62,10 +63,12 @@ def main(argv=None) -> int:
         options["row"] = args.row
     if args.lens:
         options["seq_lens"] = _ints(args.lens)
-    wrong = {"prefill", "row"} & set(options) if args.kernel != "flash_attention" else set()
+    if args.non_causal:
+        options["causal"] = False
+    wrong = {"prefill", "row", "causal"} & set(options) if args.kernel != "flash_attention" else set()
     wrong |= {"seq_lens"} & set(options) if args.kernel != "decode_attention" else set()
     if wrong:
-        raise UsageError(f"{args.kernel} does not take --{', --'.join(sorted(wrong)).replace('seq_lens', 'lens')}")
+        raise UsageError(f"{args.kernel} does not take --{', --'.join(sorted(wrong)).replace('seq_lens', 'lens').replace('causal', 'non-causal')}")
     if args.row is not None:
         shape = _ints(args.shape) if args.shape else ex.DEFAULT_SHAPES["flash_attention"]
         if not 0 <= args.row < shape[2]:

@@ -220,7 +220,7 @@ def online_softmax_trace(launch, row: int, Tq: int, Tk: int, D: int, sm_scale: f
     return {"row": row, "steps": out, "end": float(m + np.log2(l)), "saved_lse2": lse}
 
 
-def _explain_flash_attention(shape, dtype, backward, out, seed, prefill=None, row=None):
+def _explain_flash_attention(shape, dtype, backward, out, seed, prefill=None, row=None, causal=True):
     from kernels import flash_attention as fa
 
     B, H, Tq, Tk, D = shape
@@ -234,19 +234,20 @@ def _explain_flash_attention(shape, dtype, backward, out, seed, prefill=None, ro
     k.requires_grad_(backward)
     v.requires_grad_(backward)
     with trace(values=True) as fwd:
-        o = fa.flash_attention(q, k, v, causal=True)
+        o = fa.flash_attention(q, k, v, causal=causal)
     rep = Report("flash_attention", dict(zip(("B", "H", "Tq", "Tk", "D"), shape)), str(dtype).replace("torch.", ""),
                  backward)
-    rep.kernels += _fa_counts(fa, fwd, B, H, Tq, Tk, D, e, True)
+    rep.shape["causal"] = causal
+    rep.kernels += _fa_counts(fa, fwd, B, H, Tq, Tk, D, e, causal)
     launch = fwd[0]
     bm, bn = launch.args["BLOCK_M"], launch.args["BLOCK_N"]
     sched = tile_schedule(launch, Tk, D, "K", bn, (bm, bn))
     visited = sum(len(v) for v in sched.values())
-    rep.extra["visited_tiles"] = {"traced": visited, "closed_form": fa.visited_tiles(Tq, Tk, bm, bn, True),
+    rep.extra["visited_tiles"] = {"traced": visited, "closed_form": fa.visited_tiles(Tq, Tk, bm, bn, causal),
                                   "non_causal": -(-Tq // bm) * -(-Tk // bn)}
     row = Tq - 1 if row is None else row
     rep.extra["online_softmax"] = online_softmax_trace(launch, row, Tq, Tk, D, sm_scale)
-    pairs = sum(min(Tk, i + Tk - Tq + 1) for i in range(Tq))  # visible (query, key) pairs
+    pairs = sum(min(Tk, i + Tk - Tq + 1) for i in range(Tq)) if causal else Tq * Tk  # visible (query, key) pairs
     rep.extra["visible_pairs"] = pairs
     minimum = {"read": _nbytes(q, k, v), "written": _nbytes(o) + B * H * Tq * 4, "flops": B * H * 4 * D * pairs}
     schedules = {"fwd": (sched, Tq, Tk, bm, bn)}
@@ -254,7 +255,7 @@ def _explain_flash_attention(shape, dtype, backward, out, seed, prefill=None, ro
         do = torch.randn(o.shape, generator=g).to(dtype)
         with trace() as bwd:
             o.backward(do)
-        rep.kernels += _fa_counts(fa, bwd, B, H, Tq, Tk, D, e, True)
+        rep.kernels += _fa_counts(fa, bwd, B, H, Tq, Tk, D, e, causal)
         by = {launch.kernel: launch for launch in bwd}
         dkdv, dq = by["_flash_attention_bwd_dkdv_kernel"], by["_flash_attention_bwd_dq_kernel"]
         schedules["dkdv"] = (tile_schedule(dkdv, Tq, D, "Q", dkdv.args["BLOCK_M"],
@@ -268,7 +269,7 @@ def _explain_flash_attention(shape, dtype, backward, out, seed, prefill=None, ro
         minimum["flops"] += B * H * 8 * D * pairs
     # A prompt of Tp < Tk queries against the Tk keys of a cache: the mask aligned bottom-right.
     Tp = prefill if prefill is not None else max(1, Tq // 2)
-    if Tp <= Tk:
+    if causal and 1 <= Tp <= Tk:  # prefill=0: no prefill case
         qp = torch.randn(B, H, Tp, D, generator=g).to(dtype)
         with trace() as pre:
             fa.flash_attention(qp, k.detach(), v.detach(), causal=True)
@@ -477,8 +478,9 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
                 t = tot.setdefault(a, {"read": 0, "written": 0})
                 t["read"] += rw["read"]
                 t["written"] += rw["written"]
-        mm = torch_ops.totals(TorchOpCounter.MATMULS)
+        mm, acc = torch_ops.totals(TorchOpCounter.MATMULS), torch_ops.totals(("add_",))
         tot["matmul"] = {"read": mm["read"], "written": mm["written"]}
+        tot["add_"] = {"read": acc["read"], "written": acc["written"]}
         rep.kernels.append(KernelCount(f"fwd x {len(launches)} chunks + matmuls", launches[0].kernel if launches else "",
                                        launches[0].grid if launches else (), {"chunk_size": chunk}, tot, {},
                                        _rw(fm), mm["flops"], ce.linear_cross_entropy_flops(N, C, V)))
@@ -490,8 +492,9 @@ def _explain_rowwise(op, shape, dtype, backward, out, seed):
     else:
         raise ValueError(f"unknown op {op!r}")
     # The torch ops around the kernels (checks, views' copies, reductions; not linear_cross_entropy's
-    # matmuls, which its count above holds): measured, added to the totals, in no lesson formula.
-    others = [o for o in torch_ops.ops if o["op"] not in TorchOpCounter.MATMULS]
+    # matmuls and dW accumulation, which its count above holds): measured, added to the totals, in no lesson formula.
+    counted = TorchOpCounter.MATMULS + (("add_",) if op == "linear_cross_entropy" else ())
+    others = [o for o in torch_ops.ops if o["op"] not in counted]
     rep.extra["torch_ops"] = {k: sum(o[k] for o in others) for k in ("read", "written", "flops")}
     rep.extra["torch_ops"]["ops"] = len(others)
     _unfused(rep, variants, backward, grad_of, leaves)
