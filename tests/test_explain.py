@@ -197,3 +197,41 @@ def test_script_end_to_end(tmp_path):
     assert len(list(out.glob("*.png"))) == 3
     bad = subprocess.run([*cmd[:3], "--shape", "1,2"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_the_docstrings_examples_follow_from_the_formulas():
+    """The numbers the lessons quote for GPT-2 124M, from the same formulas the trace checks."""
+    from kernels import bias_gelu, cross_entropy, decode_attention, flash_attention, layer_norm
+
+    # flash_attention.py: T = 1024, D = 64, bf16, 64 x 64 tiles: q, k, v, O are 4 T D 2 B = 512 KiB,
+    # and each key tile is read (T / BLOCK_M + 1) / 2 = 8.5 times on average under the causal mask.
+    fa = flash_attention.memory_traffic("fwd", 1, 1, 1024, 1024, 64, 2, 64, 64, causal=True)
+    assert fa["Q"][0] + fa["O"][1] + 2 * 1024 * 64 * 2 == 512 * 1024
+    assert fa["K"][0] / (1024 * 64 * 2) == 8.5
+    assert fa["LSE"][1] == 4 * 1024
+    # decode_attention.py: one layer of gpt2-124M at 1024 tokens, fp16: 2 x 1024 x 768 x 2 B of cache;
+    # 16 splits write 16 x 65 x 4 B of partials per query.
+    da = decode_attention.memory_traffic("fwd", 12, 1, 64, 2, [1024], 16)
+    assert (da["K"][0] + da["V"][0]) * 12 == pytest.approx(37.7e6, rel=2e-3)
+    assert (da["O_part"][1] + da["LSE_part"][1]) / 12 == 16 * 65 * 4
+    # layer_norm.py: B*T = 8192 rows of C = 768 in bf16 (T = 12.6 MB), 264 row groups.
+    T = 8192 * 768 * 2
+    fwd = layer_norm.memory_traffic("fwd", 8192, 768, 2, 4)
+    assert fwd["X"][0] + fwd["Y"][1] == 2 * T and fwd["MEAN"][1] + fwd["RSTD"][1] == 64 * 1024
+    assert fwd["W"][0] + fwd["B"][0] == pytest.approx(50.3e6, rel=1e-3)
+    bwd = layer_norm.memory_traffic("bwd", 8192, 768, 2, 4, n_groups=264)
+    red = layer_norm.memory_traffic("sum_partials", 8192, 768, 2, 4, n_groups=264)
+    assert bwd["X"][0] + bwd["DY"][0] + bwd["DX"][1] == 3 * T
+    assert bwd["PARTIAL"][1] + red["PARTIAL"][0] == pytest.approx(3.2e6, rel=0.02)
+    add = layer_norm.memory_traffic("fwd", 8192, 768, 2, 4, residual=True)
+    assert sum(add[a][0] + add[a][1] for a in ("X", "R", "H", "Y")) == 4 * T
+    # bias_gelu.py: 8192 rows of 4C = 3072 in bf16 (50.3 MB); BLOCK_M = 8 rows per tile.
+    T = 8192 * 3072 * 2
+    bg = bias_gelu.memory_traffic("fwd", 8192, 3072, 2, 4, BLOCK_M=8)
+    assert bg["X"][0] + bg["Y"][1] == 2 * T and bg["BIAS"][0] == pytest.approx(12.6e6, rel=1e-2)
+    bgb = bias_gelu.memory_traffic("bwd", 8192, 3072, 2, 4, n_groups=43)
+    assert bgb["X"][0] + bgb["DY"][0] + bgb["DX"][1] == 3 * T
+    # cross_entropy.py: 8192 x 50,257 bf16 logits (823 MB): read twice, the gradient written once.
+    ce = cross_entropy.memory_traffic("fwd", 8192, 50257, 2, 8192)
+    L = 8192 * 50257 * 2
+    assert ce["LOGITS"][0] == 2 * L + 8192 * 2 and ce["GRAD"][1] == L and L == pytest.approx(823e6, rel=1e-3)
