@@ -147,7 +147,7 @@ def decode_splits(reads: dict, lens: list, L: int, ns: int, bn: int, combine: di
 
 def rowwise_bytes(rep, out: str) -> str:
     """Bytes per tensor of the fused kernels, and fused against the unfused PyTorch sequences."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
     ax = axes[0]
     labels, reads, writes = [], [], []
     for k in rep.kernels:
@@ -170,15 +170,26 @@ def rowwise_bytes(rep, out: str) -> str:
         for rw in k.distinct.values():
             dist["read"] += rw["read"]
             dist["written"] += rw["written"]
-    names = list(rep.extra.get("unfused", {})) + ["fused (traced)", "fused (distinct elements)", "physical minimum"]
-    rd = [v["read"] for v in rep.extra.get("unfused", {}).values()] + [tot["read"], dist["read"], rep.minimum["read"]]
-    wr = ([v["written"] for v in rep.extra.get("unfused", {}).values()]
-          + [tot["written"], dist["written"], rep.minimum["written"]])
-    x = range(len(names))
-    ax.bar(x, [r / 1024 for r in rd], color="#4c72b0", label="read")
-    ax.bar(x, [w / 1024 for w in wr], bottom=[r / 1024 for r in rd], color="#dd8452", label="written")
-    ax.set_xticks(list(x), [n.replace(", ", ",\n").replace(" (", "\n(") for n in names], fontsize=7)
-    ax.set_ylabel("KiB", fontsize=8)
+    unf = rep.extra.get("unfused", {})
+    names = list(unf) + ["fused (traced)"]
+    rd = [v["read"] for v in unf.values()] + [tot["read"]]
+    wr = [v["written"] for v in unf.values()] + [tot["written"]]
+    if all(k.distinct for k in rep.kernels):  # (not for linear_cross_entropy's matmuls: torch ops)
+        names.append("fused (distinct elements)")
+        rd.append(dist["read"])
+        wr.append(dist["written"])
+    names.append("physical minimum")
+    rd.append(rep.minimum["read"])
+    wr.append(rep.minimum["written"])
+    y = range(len(names))
+    ax.barh(y, [r / 1024 for r in rd], color="#4c72b0", label="read")
+    ax.barh(y, [w / 1024 for w in wr], left=[r / 1024 for r in rd], color="#dd8452", label="written")
+    for i, (r, w) in enumerate(zip(rd, wr)):
+        ax.text((r + w) / 1024, i, f" {(r + w) / 1024:,.0f}", va="center", fontsize=7)
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(r + w for r, w in zip(rd, wr)) / 1024 * 1.25)
+    ax.set_xlabel("KiB read + written", fontsize=8)
     ax.set_title("fused vs unfused" + (" (forward + backward)" if rep.backward else " (forward)"), fontsize=9)
     fig.tight_layout()
     path = os.path.join(out, f"{rep.op}_bytes.png")
