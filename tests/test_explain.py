@@ -9,7 +9,6 @@ watches the interpreter.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -164,7 +163,7 @@ def test_the_unfused_traffic_in_the_docstrings():
 def test_time_bounds_say_which_binds():
     rep = explain("bias_gelu", (8, 64), F32)
     for which in ("measured", "minimum"):
-        for gpu, (bw, _) in {"H100": (3.35e12, 0), "H200": (4.8e12, 0)}.items():
+        for gpu in ("H100", "H200"):
             bound = rep.bounds[which][gpu]
             assert bound["binds"] == "memory" and bound["compute_s"] == 0
     tot = rep.measured_totals()

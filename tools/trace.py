@@ -35,7 +35,7 @@ Why our own tracer and not triton-viz (evaluated for this tool; version 3.0 is t
     pool), which ties it to one Triton's private internals far more than four wrapped builder methods;
     its 3.0 release does not support `tl.trans` (our backward kernels use it) and its profiler
     samples blocks by default, where we need every program to count bytes exactly.
-  This module wraps four public-looking methods of one object and the launch call: ~200 lines, no
+  This module wraps four methods of one object and the launch call, in a few hundred lines, with no
   dependency beyond Triton and NumPy, and the interpreter still executes every operation itself.
 """
 
