@@ -37,6 +37,41 @@ def assert_matches(rep):
 
 
 # ----------------------------------------------------------------------------------------------
+# the tracer itself, on a kernel small enough to count by hand
+# ----------------------------------------------------------------------------------------------
+def test_tracer_counts_unmasked_lanes_dots_and_programs():
+    import triton
+    import triton.language as tl
+
+    from tools.trace import trace
+
+    @triton.jit
+    def copy_and_square(X, Y, A, C, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < n, other=0.0)
+        tl.store(Y + offs, x, mask=offs < n)
+        r = tl.arange(0, 16)
+        a = tl.load(A + r[:, None] * 16 + r[None, :])  # no mask: all 256 lanes
+        tl.store(C + r[:, None] * 16 + r[None, :], tl.dot(a, a, input_precision="ieee"))
+
+    n = 37
+    x, y = torch.randn(n), torch.empty(n)
+    a, c = torch.randn(16, 16, dtype=torch.float64).float(), torch.empty(16, 16)
+    with trace() as launches:
+        copy_and_square[(3,)](x, y, a, c, n, BLOCK=16)
+    (launch,) = launches
+    assert launch.grid == (3, 1, 1) and launch.args["BLOCK"] == 16
+    assert sorted(launch.programs) == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+    assert launch.bytes() == {"X": {"read": n * 4, "written": 0}, "Y": {"read": 0, "written": n * 4},
+                              "A": {"read": 3 * 256 * 4, "written": 0}, "C": {"read": 0, "written": 3 * 256 * 4}}
+    assert launch.distinct_bytes()["A"] == {"read": 256 * 4, "written": 0}
+    assert launch.flops() == 3 * 2 * 16 * 16 * 16
+    last = [e for e in launch.programs[(2, 0, 0)] if e.arg == "X"][0]
+    assert (last.lanes, last.active) == (16, n - 32) and last.index.tolist() == list(range(32, n))
+    assert torch.equal(y, x)  # the kernel still ran
+
+
+# ----------------------------------------------------------------------------------------------
 # flash attention
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,dtype,causal", [
