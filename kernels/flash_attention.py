@@ -27,7 +27,7 @@ A forward pass of the whole model at batch 8 runs 8 * 12 layers * 12 heads = 115
 2.25 GiB of saved probabilities against 4.5 MiB of log-sum-exps. Each program instance owns a
 BLOCK_M-row tile of queries and streams BLOCK_N-row tiles of k and v past it through SRAM; q, the
 running statistics and the output accumulator stay in registers. k and v are re-read by every query
-tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask, 8.5 here), but one
+tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask: 8.5 with 64-row tiles), but one
 head's k and v are 256 KiB, so those re-reads are served by L2.
 
 The online softmax
