@@ -132,13 +132,13 @@ def memory_traffic(kernel: str, H: int, Tq: int, D: int, dtype_bytes: int, seq_l
     each split program re-reads its Tq queries and its sequence's length, and writes fp32 partials."""
     e, f, B = dtype_bytes, 4, len(seq_lens)
     programs = B * H * num_splits
-    partials = programs * Tq * (D + 1) * f  # each split's output rows and log-sum-exps
     if kernel == "fwd":
         cache = H * sum(seq_lens) * D * e
         return {"Q": (programs * Tq * D * e, 0), "K": (cache, 0), "V": (cache, 0), "SeqLens": (programs * 4, 0),
                 "O_part": (0, programs * Tq * D * f), "LSE_part": (0, programs * Tq * f)}
     if kernel == "combine":
-        return {"O_part": (programs * Tq * D * f, 0), "LSE_part": (programs * Tq * f, 0), "Out": (0, B * H * Tq * D * e)}
+        return {"O_part": (programs * Tq * D * f, 0), "LSE_part": (programs * Tq * f, 0),
+                "Out": (0, B * H * Tq * D * e)}
     raise ValueError(f"unknown kernel {kernel!r}")
 
 

@@ -27,8 +27,8 @@ A forward pass of the whole model at batch 8 runs 8 * 12 layers * 12 heads = 115
 2.25 GiB of saved probabilities against 4.5 MiB of log-sum-exps. Each program instance owns a
 BLOCK_M-row tile of queries and streams BLOCK_N-row tiles of k and v past it through SRAM; q, the
 running statistics and the output accumulator stay in registers. k and v are re-read by every query
-tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask: 8.5 with 64-row tiles), but one
-head's k and v are 256 KiB, so those re-reads are served by L2.
+tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask: 8.5 with 64-row
+tiles), but one head's k and v are 256 KiB, so those re-reads are served by L2.
 
 The online softmax
 ------------------
@@ -224,7 +224,8 @@ def memory_traffic(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, dtype_
     bh = B * H
     if kernel == "fwd":
         kv = bh * sum(keys_loaded(m0) for m0 in range(0, Tq, BLOCK_M)) * D * e
-        return {"Q": (bh * Tq * D * e, 0), "K": (kv, 0), "V": (kv, 0), "O": (0, bh * Tq * D * e), "LSE": (0, bh * Tq * f)}
+        q = bh * Tq * D * e
+        return {"Q": (q, 0), "K": (kv, 0), "V": (kv, 0), "O": (0, q), "LSE": (0, bh * Tq * f)}
     if kernel == "bwd_preprocess":
         return {"O": (bh * Tq * D * e, 0), "DO": (bh * Tq * D * e, 0), "DELTA": (0, bh * Tq * f)}
     if kernel == "bwd_dkdv":

@@ -48,7 +48,8 @@ Memory traffic (GPT-2 124M, B*T = 8192 rows, C = 768, bf16: one (8192, 768) tens
         read x and dY, write dX; partial sums 2 x 264 x 1536 x 4 B        backward 3 x 12.6 MB + 3.2 MB
         (264 groups = 2 per SM on a 132-SM H100)                                               =  41 MB
 (w and b, 2 x 3 KB in fp32, are loaded by every row's program: 8192 x 6 KB = 50 MB requested, but
-from L2, not HBM; `python scripts/explain.py layer_norm` counts both.) The book's formula's backward is worse still: autograd keeps x - mean, the (M, 1) statistics and
+from L2, not HBM; `python scripts/explain.py layer_norm` counts both.)
+The book's formula's backward is worse still: autograd keeps x - mean, the (M, 1) statistics and
 xhat alive and walks each elementwise op backwards. GPT-2 124M runs 25 LayerNorms per forward (two per
 block and the final one), so fused LayerNorm moves 0.6 GB a forward instead of 3.2 GB.
 
