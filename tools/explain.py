@@ -109,7 +109,9 @@ class Report:
 
 def time_bounds(nbytes: int, flops: int) -> dict:
     """{gpu: {"memory_s", "compute_s", "bound_s", "binds"}}: no kernel can beat moving its bytes at
-    full bandwidth nor doing its FLOPs at full peak; the larger of the two is the lower bound."""
+    full bandwidth nor doing its FLOPs at full peak; the larger of the two is the lower bound. The
+    peak is the dense bf16/fp16 tensor-core one, whatever the traced dtype: fp32 dots with
+    input_precision="ieee" run on the FMA units, far slower, so for fp32 the compute bound is optimistic."""
     out = {}
     for gpu, (bw, peak) in HARDWARE.items():
         mem, comp = nbytes / bw, flops / peak
