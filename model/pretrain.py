@@ -210,7 +210,8 @@ def plan(pc: PretrainConfig, rc: RunConfig):
     job = PretrainJob(pc, rc.batch_size, rc.eval_batches, rc.seed)
     with torch.device("meta"):  # counts the parameters without allocating them
         n_params = sum(p.numel() for p in GPTModel(job.cfg).parameters())
-    p = prepare(rc, job, model_config=job.cfg.to_dict(), n_params=n_params, default_out=pc.default_out())
+    p = prepare(rc, job, model_config=job.cfg.to_dict(), n_params=n_params,
+                model_name=f"--model {pc.model}", default_out=pc.default_out())
     if pc.fused and p.device.type == "cpu":
         p.notes.append("note: --fused on CPU runs the Triton kernels in Triton's interpreter: "
                        "slow, meant for checking")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 @dataclass
 class RunConfig:
-    """Every knob of the loop. `None` means "derived" (see `model.engine.prepare`)."""
+    """Every knob of the loop. `None` means "derived" (see `model.engine.plan`)."""
 
     steps: int | None = None  # a script's default when --epochs is not given either; else one epoch
     epochs: int | None = None
