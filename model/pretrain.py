@@ -107,19 +107,25 @@ def windows(ds: GPTDataset, idx: torch.Tensor, device) -> tuple[torch.Tensor, to
 
 def sample_text(model: GPTModel, prompt: str, max_new_tokens: int, device, *, temperature: float = 0.0,
                 top_k: int | None = None, seed: int = 0) -> str:
-    """A continuation of `prompt`, sampled with a fixed seed (the same draws at every evaluation, so
-    successive samples compare). A prompt longer than the context keeps its last tokens."""
-    from model.generate import generate
+    """`prompt` and `max_new_tokens` more tokens, sampled with a fixed seed (the same draws at every
+    evaluation, so successive samples compare; the global RNG is not touched)."""
+    from model.generate import generate, sample_next
 
     ctx = model.cfg.context_length
     ids = encode(prompt)
-    ids = ids[len(ids) - max(1, min(len(ids), ctx - 1)):]  # leave room for a new token (none if ctx is 1)
-    n = min(max_new_tokens, ctx - len(ids))
-    if n <= 0:
-        return decode(ids)
-    out = generate(model, torch.tensor([ids], device=device), n, temperature=temperature,
-                   top_k=top_k if temperature > 0 else None, seed=seed if temperature > 0 else None)  # (1, len + n)
-    return decode(out[0])
+    top_k = top_k if temperature > 0 else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if len(ids) + max_new_tokens <= ctx:  # the usual case: the KV cache
+        out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                       top_k=top_k, generator=gen)  # (1, len + n)
+        return decode(out[0])
+    # Longer than the context (a short --context-length): the book's chapter 4 loop, each step on the
+    # last `ctx` tokens only.
+    tokens = torch.tensor([ids], device=device)  # (1, len)
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -ctx:])[:, -1]  # (1, V)
+        tokens = torch.cat([tokens, sample_next(logits, temperature, top_k, None, gen)[:, None]], dim=1)
+    return decode(tokens[0])
 
 
 class PretrainJob:
