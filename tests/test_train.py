@@ -5,7 +5,10 @@ only under pytest's tmp dirs. Most runs call `main([...])` in-process (no interp
 end-to-end test and one bad-input case go through `python scripts/train.py` in a subprocess.
 """
 
+import contextlib
 import copy
+import importlib.util
+import io
 import json
 import math
 import os
@@ -18,19 +21,14 @@ import pytest
 import torch
 
 from model import GPTConfig, GPTModel
-from model.training import (
-    DEFAULT_STEPS,
-    TrainConfig,
-    forward_backward,
-    lr_at,
-    main,
-    micro_batches,
-    param_groups,
-    prepare,
-    train,
-)
+from model.cli import run
+from model.engine import RunConfig, forward_backward, lr_at, micro_batches, param_groups
+from model.pretrain import DEFAULT_STEPS, PretrainConfig, plan, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "scripts" / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
 SENTENCES = [
     "Every effort moves you forward, one small step at a time.",
     "The cat sat on the mat and looked at the door.",
@@ -58,12 +56,17 @@ def snapshot(folder: Path) -> dict:
 
 
 def run_main(args) -> str | None:
-    """main(args) in-process; returns the SystemExit message, or None when it succeeded."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        assert e.code not in (0, None)
-        return str(e.code)
+    """scripts/train.py's main(args) in-process, through model.cli.run as the script ends; returns the
+    error line it printed (exit status 2), or None when it succeeded."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run(train_cli.main, [str(a) for a in args])
+        except SystemExit as e:
+            if e.code in (0, None):
+                return None
+            assert e.code == 2, (e.code, err.getvalue())
+            return err.getvalue().strip()
     return None
 
 
@@ -100,13 +103,15 @@ def test_cli_end_to_end_writes_metrics_plot_checkpoint_and_learns(finished_run):
 
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 30 and ckpt["model_config"]["context_length"] == 32  # --context-length overrides
-    assert {"model", "optimizer", "data", "rng", "schedule", "train_config"} <= ckpt.keys()
+    assert {"model", "optimizer", "data", "rng", "schedule", "run_config", "job_config", "resume_key"} <= ckpt.keys()
+    assert ckpt["job"] == "pretrain" and ckpt["job_config"]["context_length"] == 32
     model = GPTModel(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     # The progress report: a sample at the end, and the loss lines.
     assert "sample (step 30): 'Every effort moves you" in finished_run["stdout"]
     assert "step 30: train loss" in finished_run["stdout"]
     assert "tok/s, lr" in finished_run["stderr"]  # the progress bar
+    assert "eval:" in finished_run["stderr"] and "sample:" in finished_run["stderr"]  # it says what it is doing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +169,6 @@ def test_bad_input_from_the_command_line_is_one_line_without_traceback(finished_
         ("negative steps", ["--steps", "-3"], "--steps must be positive"),
         ("zero context", ["--context-length", "0"], "--context-length must be positive"),
         ("context over the preset", ["--context-length", "129"], "exceeds the tiny preset's context length 128"),
-        ("fused with dropout", ["--fused", "--dropout", "0.1"], "--fused needs --dropout 0"),
         ("min-lr above lr", ["--min-lr", "1", "--lr", "1e-3"], "--min-lr must be in"),
         ("warmup longer than the run", ["--warmup-steps", "9"], "--warmup-steps 9 is more than"),
         ("resume from nothing", ["--resume"], "no checkpoint.pt"),
@@ -234,8 +238,8 @@ def test_grad_accum_matches_one_big_batch():
     a = GPTModel(cfg)
     b = copy.deepcopy(a)
     x, y = torch.randint(0, 97, (4, 13)), torch.randint(0, 97, (4, 13))
-    loss_a = forward_backward(a, a.loss, [(x[:2], y[:2]), (x[2:], y[2:])])  # accum 2 x batch 2
-    loss_b = forward_backward(b, b.loss, [(x, y)])  # batch 4
+    loss_a = forward_backward(lambda xy: a.loss(a(xy[0]), xy[1]), [(x[:2], y[:2]), (x[2:], y[2:])])  # accum 2 x 2
+    loss_b = forward_backward(lambda xy: b.loss(b(xy[0]), xy[1]), [(x, y)])  # batch 4
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -253,11 +257,14 @@ def test_epochs_print_epoch_losses_with_a_constant_rate(tmp_path, capsys):
     assert {r["lr"] for r in rows(tmp_path / "ch5")} == {4e-4}
 
 
-def test_defaults_are_the_documented_no_argument_run(tmp_path):
-    p = prepare(TrainConfig(out=str(tmp_path / "r")))
-    assert (p.tc.model, p.cfg.context_length, p.total_steps, p.device.type) == (
-        "tiny", 128, DEFAULT_STEPS, "cuda" if torch.cuda.is_available() else "cpu")
-    assert not (tmp_path / "r").exists()  # prepare writes nothing
+def test_defaults_are_the_documented_no_argument_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pc, rc = train_cli.configs([])
+    job, p = plan(pc, rc)
+    assert (pc.model, job.cfg.context_length, p.total_steps, p.device.type, p.out) == (
+        "tiny", 128, DEFAULT_STEPS, "cuda" if torch.cuda.is_available() else "cpu", Path("runs/tiny"))
+    assert plan(*train_cli.configs(["--fused"]))[1].out == Path("runs/tiny-fused")  # never the same folder
+    assert not (tmp_path / "runs").exists()  # planning writes nothing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +274,8 @@ def _ddp_worker(rank, world_size, port, cfg_dict, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    result = train(TrainConfig(**cfg_dict))
+    pc, rc = cfg_dict
+    result = pretrain(PretrainConfig(**pc), RunConfig(**rc))
     torch.save(result["model"].state_dict(), Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -283,16 +291,16 @@ def test_ddp_two_processes_match_single_process_on_the_same_global_batch(tmp_pat
     import torch.multiprocessing as mp
 
     corpus = write_corpus(tmp_path / "c.txt", repeats=8)
-    base = dict(model="tiny", data=str(corpus), context_length=32, tie_weights=True, grad_accum=2, steps=3,
-                lr=1e-3, eval_every=0, eval_batches=2, sample_tokens=2, device="cpu", progress=False)
+    pc = dict(model="tiny", data=str(corpus), context_length=32, tie_weights=True, sample_tokens=2)
+    base = dict(grad_accum=2, steps=3, lr=1e-3, eval_every=0, eval_batches=2, device="cpu", progress=False)
     ddp_out = tmp_path / "ddp"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), {**base, "batch_size": 1, "out": str(ddp_out)}, str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), (pc, {**base, "batch_size": 1, "out": str(ddp_out)}),
+                                str(tmp_path)), nprocs=2, join=True)
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for name in w0:
         assert torch.equal(w0[name], w1[name]), name  # DDP keeps the replicas identical
 
-    single = train(TrainConfig(**base, batch_size=2, out=str(tmp_path / "single")))
+    single = pretrain(PretrainConfig(**pc), RunConfig(**base, batch_size=2, out=str(tmp_path / "single")))
     losses = [(a["train_loss"], b["train_loss"]) for a, b in zip(rows(ddp_out), rows(tmp_path / "single"), strict=True)]
     assert len(losses) == 3 and losses[0][0] != losses[-1][0]
     for a, b in losses:
@@ -315,3 +323,143 @@ def test_fused_training_matches_the_pytorch_run(tmp_path, capsys):
     assert len(ref) == len(fused) == 3
     for r, f in zip(ref, fused):
         assert math.isclose(f["train_loss"], r["train_loss"], rel_tol=1e-4), (r, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Never a traceback, nothing lost, nothing stuck (issue 12)
+# ----------------------------------------------------------------------------------------------
+def test_a_diverging_loss_is_one_line_and_overwrite_keeps_the_old_run(finished_run, tmp_path):
+    """--lr 1e6 diverges: one line (exit 2), no traceback. With --overwrite the old run is replaced only
+    once the new one has written a checkpoint, so this failed replacement leaves it whole."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run["out"], old)
+    before = snapshot(old)
+    msg = run_main([*MICRO, "--data", finished_run["corpus"], "--steps", "20", "--lr", "1e6", "--warmup-steps", "0",
+                    "--eval-every", "0", "--overwrite", "--out", old])
+    assert msg is not None and msg.startswith("error: the training loss is") and "--lr" in msg, msg
+    assert "\n" not in msg and "Traceback" not in msg
+    assert snapshot(old) == before  # metrics.jsonl, loss.png and checkpoint.pt of the old run, untouched
+
+
+def test_overwrite_replaces_the_run_once_it_has_a_checkpoint(finished_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run["out"], old)
+    assert run_main([*MICRO, "--data", finished_run["corpus"], "--steps", "3", "--eval-every", "2",
+                     "--overwrite", "--out", old]) is None
+    assert [r["step"] for r in rows(old)] == [1, 2, 3]  # the new run's rows only
+    assert torch.load(old / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_leftover_metrics_without_a_checkpoint_do_not_block_a_rerun(tmp_path, resume):
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    out = tmp_path / "crashed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 10.9}\n{"step": 2, "train_lo')  # torn by a kill
+    assert run_main([*MICRO, "--data", corpus, "--steps", "2", "--eval-every", "0", "--out", out,
+                     *(["--resume"] if resume else [])]) is None
+    assert [r["step"] for r in rows(out)] == [1, 2] and rows(out)[0]["train_loss"] != 10.9
+
+
+def test_non_utf8_data_and_a_corrupted_checkpoint_are_named_in_one_line(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\u00e9 au lait, na\u00efve r\u00e9sum\u00e9. ".encode("latin-1") * 50)
+    msg = run_main([*MICRO, "--data", bad, "--steps", "2", "--out", tmp_path / "a"])
+    assert msg.startswith("error: ") and str(bad) in msg and "not UTF-8" in msg, msg
+
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    for name, content in (("random", os.urandom(4096)), ("text", b"not a checkpoint\n")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(content)
+        msg = run_main([*MICRO, "--data", corpus, "--steps", "2", "--out", out, "--resume"])
+        assert msg.startswith("error: cannot read checkpoint") and "not a PyTorch checkpoint" in msg, msg
+        assert "weights_only" not in msg
+
+
+def test_context_length_one_trains_and_samples(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.txt", repeats=2)
+    assert run_main([*MICRO, "--context-length", "1", "--data", corpus, "--steps", "2", "--out", tmp_path / "r"]) is None
+    assert "sample (step 2): 'Every effort moves you" in capsys.readouterr().out  # a bigram model's continuation
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_samples_and_evaluations_do_not_shift_the_training_stream(tmp_path):
+    """Sampling (temperature + top-k, its own seeded generator) and evaluation at every step give the
+    same losses as neither, with dropout on, so any draw from the training stream would show."""
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    common = [*MICRO, "--data", corpus, "--steps", "4", "--dropout", "0.1", "--sample-tokens", "3"]
+    assert run_main([*common, "--eval-every", "0", "--sample-every", "0", "--out", tmp_path / "quiet"]) is None
+    assert run_main([*common, "--eval-every", "1", "--sample-every", "1", "--out", tmp_path / "busy"]) is None
+    quiet, busy = rows(tmp_path / "quiet"), rows(tmp_path / "busy")
+    assert [r["train_loss"] for r in quiet] == [r["train_loss"] for r in busy]
+    assert all("sample" in r for r in busy) and "sample" in quiet[-1]
+    assert busy[-1]["sample"] == quiet[-1]["sample"]  # the same seeded draws, whenever it runs
+
+
+def test_the_final_checkpoint_is_written_before_the_end_of_run_evaluation(tmp_path):
+    """An evaluation that fails at the end cannot lose the training: the checkpoint is already there."""
+    from model.engine import fit
+    from model.pretrain import build_model
+
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    pc, rc = train_cli.configs([*MICRO, "--data", str(corpus), "--steps", "3", "--eval-every", "0",
+                                "--out", str(tmp_path / "r")])
+    job, p = plan(pc, rc)
+
+    def broken(*args):
+        raise RuntimeError("the evaluation broke")
+
+    job.evaluate = broken
+    with pytest.raises(RuntimeError, match="the evaluation broke"):
+        fit(p, job, build_model(pc, rc.seed))
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 3
+    # ... and --resume from it has nothing left to train, so the evaluation simply runs again.
+    assert run_main([*MICRO, "--data", corpus, "--steps", "3", "--eval-every", "0", "--out", tmp_path / "r",
+                     "--resume"]) is None
+
+
+def _wait_for_rows(path: Path, n: int, proc, timeout: float = 600) -> None:
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if path.is_file() and path.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} rows in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, sig, status):
+    import signal
+
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    common = [*MICRO, "--batch-size", "3", "--data", corpus, "--steps", "60", "--dropout", "0.1",
+              "--eval-every", "0", "--lr", "2e-3"]
+    split = tmp_path / "split"
+    proc = subprocess.Popen([sys.executable, "scripts/train.py", *map(str, common), "--out", str(split)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(split / "metrics.jsonl", 2, proc)
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr and "--resume" in stdout, (stdout, stderr)
+    stopped = torch.load(split / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 60 and [r["step"] for r in rows(split)] == list(range(1, stopped + 1))
+
+    assert run_main([*common, "--out", split, "--resume"]) is None
+    assert run_main([*common, "--out", tmp_path / "straight"]) is None
+    straight, resumed = rows(tmp_path / "straight"), rows(split)
+    assert [r["step"] for r in resumed] == list(range(1, 61))
+    for a, b in zip(straight, resumed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6, abs=1e-6), a["step"]
