@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from model import PRESETS, GPTConfig, GPTModel  # noqa: E402
 from model.generate import stream_generate  # noqa: E402
 from model.tokenizer import EOT, decode, encode, get_tokenizer  # noqa: E402
-from model.weights import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from model.weights import CONFIG_NAME, WEIGHTS_NAME, load_pretrained  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,7 +44,7 @@ def load_model(checkpoint: str | None, preset: str) -> GPTModel:
     if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / "checkpoint.pt").is_file():
         path = path / "checkpoint.pt"  # a training run's folder
     if path.is_dir() or path.suffix == ".safetensors":
-        return GPTModel.from_pretrained(path)
+        return load_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
