@@ -14,7 +14,7 @@ LayerNorm and the new head), "all", "head" (the new head alone, a linear probe),
 the LoRA adapters of model/lora.py, the head's included: appendix E).
 
 A fine-tuned classifier is saved as a folder: `classifier.json` (the labels, the pooling, the
-padded length, the model config), `model.safetensors` (every weight, adapters merged) and, with
+padded length, the model config), `classifier.safetensors` (every weight, adapters merged) and, with
 LoRA, `adapters.safetensors` (the adapters alone, to put on the same base model again).
 """
 
@@ -32,7 +32,7 @@ from model.lora import ADAPTERS_NAME, apply_lora, lora_layers, merge_lora, save_
 
 POOLINGS = ("last-real", "last")
 TRAINABLE = ("last-block", "all", "head", "lora")
-CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS = "classifier.json", "model.safetensors"
+CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS = "classifier.json", "classifier.safetensors"
 CLASSIFIER_FORMAT = 1
 
 
@@ -140,8 +140,8 @@ def predict(model: GPTModel, meta: dict, texts: list[str], batch_size: int = 16)
     out = []
     L = min(meta["max_length"], model.cfg.context_length)
     device = next(model.parameters()).device
+    pad = eot_id()
     for s in range(0, len(texts), batch_size):
-        pad = eot_id()
         ids = [encode(t)[:L] or [pad] for t in texts[s : s + batch_size]]
         lengths = torch.tensor([len(t) for t in ids])
         # "last" pools at the padded window's end: pad to the length the classifier was trained on.
@@ -151,3 +151,118 @@ def predict(model: GPTModel, meta: dict, texts: list[str], batch_size: int = 16)
         p, k = probs.max(-1)
         out += [(meta["labels"][int(i)], float(q)) for i, q in zip(k, p)]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_split(model, data, pooling: str, batch_size: int, device, autocast=None, max_batches: int | None = None):
+    """{"loss", "accuracy", "confusion"} over `data` (the first `max_batches` batches of an evenly
+    spread, fixed selection, or all of it). confusion[i][j]: examples of class i predicted as j."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
+    n = len(data) if max_batches is None else min(len(data), batch_size * max_batches)
+    idx = torch.linspace(0, len(data) - 1, n).round().long()  # (n,)
+    K = len(data.labels)
+    confusion = torch.zeros(K, K, dtype=torch.long)
+    total_loss = 0.0
+    for chunk in idx.split(batch_size):
+        x, lengths, y = batch_for(data, chunk, pooling, device)
+        with autocast():
+            scores = class_scores(model, x, lengths, pooling).float()  # (B, K)
+        total_loss += torch.nn.functional.cross_entropy(scores, y, reduction="sum").item()
+        pred = scores.argmax(-1)
+        confusion += torch.bincount((y * K + pred).cpu(), minlength=K * K).view(K, K)
+    return {"loss": total_loss / n, "accuracy": confusion.diag().sum().item() / n, "confusion": confusion.tolist()}
+
+
+def batch_for(data, idx, pooling: str, device):
+    """(x, lengths, y) on device. The book's "last" pooling reads the padded window's end: keep the
+    whole padded length; "last-real" needs no more than the batch's longest text."""
+    x, lengths, y = data.batch(idx)
+    if pooling == "last":
+        x = data.x[idx]
+    return x.to(device), lengths.to(device), y.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job (model.engine.Job)
+# ----------------------------------------------------------------------------------------------
+class ClassifierJob:
+    """Classification fine-tuning: cross-entropy of the pooled class scores against the labels."""
+
+    name = "classify"
+
+    def __init__(self, train, val, test, *, pooling: str, batch_size: int, eval_batches: int, source: str,
+                 settings: dict):
+        if pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.train, self.val, self.test = train, val, test
+        self.pooling, self.batch_size, self.eval_batches = pooling, batch_size, eval_batches
+        self.source, self.settings = source, settings
+
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def batch(self, idx, device):
+        return batch_for(self.train, idx, self.pooling, device)
+
+    def loss(self, model, batch):
+        x, lengths, y = batch
+        from model.engine import unwrap
+
+        scores = pool(model(x), lengths, self.pooling)  # (B, K)
+        return unwrap(model).ops.cross_entropy(scores, y)
+
+    def tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def evaluate(self, model, device, autocast) -> dict[str, float]:
+        tr = evaluate_split(model, self.train, self.pooling, self.batch_size, device, autocast, self.eval_batches)
+        va = evaluate_split(model, self.val, self.pooling, self.batch_size, device, autocast, self.eval_batches)
+        return {"eval_train_loss": tr["loss"], "val_loss": va["loss"],
+                "train_accuracy": tr["accuracy"], "val_accuracy": va["accuracy"]}
+
+    def sample(self, model, device):
+        return None
+
+    def describe(self) -> str:
+        counts = {label: int((self.train.y == i).sum()) for i, label in enumerate(self.train.labels)}
+        return (f"data {self.source}: {len(self.train)} training / {len(self.val)} validation / {len(self.test)} "
+                f"test texts, classes {counts} in training; padded to {self.train.max_length} tokens; "
+                f"pooling at the {'last real token' if self.pooling == 'last-real' else 'last position (the book)'}")
+
+    def config(self) -> dict:
+        return {**self.settings, "labels": self.train.labels, "pooling": self.pooling,
+                "max_length": self.train.max_length}
+
+    def resume_key(self) -> dict:
+        return {k: self.settings[k] for k in ("data", "balance", "max_length", "label_column", "text_column")}
+
+
+def plot_classifier(rows: list[dict], path, title: str = "") -> None:
+    """accuracy.png: train/val accuracy (left) and loss (right) at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in rows if "val_accuracy" in r]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [r["step"] for r in evals]
+    a1.plot(steps, [r["train_accuracy"] for r in evals], "o-", label="train")
+    a1.plot(steps, [r["val_accuracy"] for r in evals], "s-", label="validation")
+    a1.set_ylabel("accuracy")
+    a2.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, alpha=0.5, label="train (per step)")
+    a2.plot(steps, [r["val_loss"] for r in evals], "s-", label="validation")
+    a2.set_ylabel("cross-entropy loss")
+    for a in (a1, a2):
+        a.set_xlabel("optimizer step")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
