@@ -2,7 +2,9 @@
 
 Corpora: a text file, a folder of .txt files, or the built-in default that needs no download (the
 documentation that ships inside Python's standard library, `pydoc_data.topics`: ~140k GPT-2 tokens
-of English prose and code about Python, on every Python installation).
+of English prose and code about Python, on every Python installation). A corpus of several
+documents (the built-in one, a folder) is split by documents held out throughout it
+(`split_documents`); a single file as the book does, its last part for validation (`train_val_split`).
 """
 
 from __future__ import annotations
@@ -17,29 +19,68 @@ from model.tokenizer import EOT, encode
 DEFAULT_CORPUS = "builtin:pydoc"
 
 
-def builtin_corpus() -> str:
+def builtin_documents() -> list[str]:
+    """The built-in corpus as documents: one per pydoc topic (keyword, statement, data model...)."""
     from pydoc_data.topics import topics
 
-    return f"\n\n{EOT}".join(topics[k] for k in sorted(topics))
+    return [topics[k] for k in sorted(topics)]
+
+
+def builtin_corpus() -> str:
+    return f"\n\n{EOT}".join(builtin_documents())
+
+
+def read_utf8(path: Path) -> str:
+    """A file's text; a file that is not UTF-8 is a ValueError that names it and the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def load_documents(source: str | Path = DEFAULT_CORPUS) -> list[str]:
+    """A corpus as a list of documents: the built-in topics, each .txt file of a folder, or one file."""
+    if str(source) == DEFAULT_CORPUS:
+        return builtin_documents()
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"data folder {path} holds no .txt files")
+        docs = [read_utf8(f) for f in files]
+    elif path.is_file():
+        docs = [read_utf8(path)]
+    else:
+        raise FileNotFoundError(f"data file or folder not found: {path}")
+    if not "".join(docs).strip():
+        raise ValueError(f"data source {path} is empty")
+    return docs
 
 
 def load_text(source: str | Path = DEFAULT_CORPUS) -> str:
     """Read a corpus: `builtin:pydoc`, a text file, or a folder of .txt files (joined with <|endoftext|>)."""
     if str(source) == DEFAULT_CORPUS:
         return builtin_corpus()
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ValueError(f"data folder {path} holds no .txt files")
-        text = EOT.join(f.read_text(encoding="utf-8") for f in files)
-    elif path.is_file():
-        text = path.read_text(encoding="utf-8")
-    else:
-        raise FileNotFoundError(f"data file or folder not found: {path}")
-    if not text.strip():
-        raise ValueError(f"data source {path} is empty")
-    return text
+    return EOT.join(load_documents(source))
+
+
+def split_documents(docs: list[str], val_ratio: float, sep: str = EOT) -> tuple[list[int], list[int]]:
+    """Token ids of (train, validation), validation being whole documents held out *throughout* the
+    corpus: a document goes to validation when that brings validation's share of the tokens seen so far
+    closer to `val_ratio` (it is below the ratio by more than half the document). So both splits sample the same mix of topics, and their losses compare
+    (a tail split of a sorted corpus would validate on its last topics only)."""
+    if not 0.0 < val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in (0, 1), got {val_ratio}")
+    train, val, seen = [], [], 0
+    for doc in docs:
+        ids = encode(doc + sep)
+        seen += len(ids)
+        (val if len(val) + len(ids) / 2 < val_ratio * seen else train).extend(ids)
+    return train, val
 
 
 class GPTDataset(Dataset):

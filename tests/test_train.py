@@ -5,7 +5,10 @@ only under pytest's tmp dirs. Most runs call `main([...])` in-process (no interp
 end-to-end test and one bad-input case go through `python scripts/train.py` in a subprocess.
 """
 
+import contextlib
 import copy
+import importlib.util
+import io
 import json
 import math
 import os
@@ -18,19 +21,14 @@ import pytest
 import torch
 
 from model import GPTConfig, GPTModel
-from model.training import (
-    DEFAULT_STEPS,
-    TrainConfig,
-    forward_backward,
-    lr_at,
-    main,
-    micro_batches,
-    param_groups,
-    prepare,
-    train,
-)
+from model.cli import run
+from model.engine import RunConfig, forward_backward, lr_at, micro_batches, param_groups
+from model.pretrain import DEFAULT_STEPS, PretrainConfig, plan, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_cli", ROOT / "scripts" / "train.py")
+train_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_cli)
 SENTENCES = [
     "Every effort moves you forward, one small step at a time.",
     "The cat sat on the mat and looked at the door.",
@@ -58,12 +56,17 @@ def snapshot(folder: Path) -> dict:
 
 
 def run_main(args) -> str | None:
-    """main(args) in-process; returns the SystemExit message, or None when it succeeded."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        assert e.code not in (0, None)
-        return str(e.code)
+    """scripts/train.py's main(args) in-process, through model.cli.run as the script ends; returns the
+    error line it printed (exit status 2), or None when it succeeded."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            run(train_cli.main, [str(a) for a in args])
+        except SystemExit as e:
+            if e.code in (0, None):
+                return None
+            assert e.code == 2, (e.code, err.getvalue())
+            return err.getvalue().strip()
     return None
 
 
@@ -100,7 +103,8 @@ def test_cli_end_to_end_writes_metrics_plot_checkpoint_and_learns(finished_run):
 
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 30 and ckpt["model_config"]["context_length"] == 32  # --context-length overrides
-    assert {"model", "optimizer", "data", "rng", "schedule", "train_config"} <= ckpt.keys()
+    assert {"model", "optimizer", "data", "rng", "schedule", "run_config", "job_config", "resume_key"} <= ckpt.keys()
+    assert ckpt["job"] == "pretrain" and ckpt["job_config"]["context_length"] == 32
     model = GPTModel(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     # The progress report: a sample at the end, and the loss lines.
@@ -164,7 +168,6 @@ def test_bad_input_from_the_command_line_is_one_line_without_traceback(finished_
         ("negative steps", ["--steps", "-3"], "--steps must be positive"),
         ("zero context", ["--context-length", "0"], "--context-length must be positive"),
         ("context over the preset", ["--context-length", "129"], "exceeds the tiny preset's context length 128"),
-        ("fused with dropout", ["--fused", "--dropout", "0.1"], "--fused needs --dropout 0"),
         ("min-lr above lr", ["--min-lr", "1", "--lr", "1e-3"], "--min-lr must be in"),
         ("warmup longer than the run", ["--warmup-steps", "9"], "--warmup-steps 9 is more than"),
         ("resume from nothing", ["--resume"], "no checkpoint.pt"),
@@ -234,8 +237,8 @@ def test_grad_accum_matches_one_big_batch():
     a = GPTModel(cfg)
     b = copy.deepcopy(a)
     x, y = torch.randint(0, 97, (4, 13)), torch.randint(0, 97, (4, 13))
-    loss_a = forward_backward(a, a.loss, [(x[:2], y[:2]), (x[2:], y[2:])])  # accum 2 x batch 2
-    loss_b = forward_backward(b, b.loss, [(x, y)])  # batch 4
+    loss_a = forward_backward(lambda xy: a.loss(a(xy[0]), xy[1]), [(x[:2], y[:2]), (x[2:], y[2:])])  # accum 2 x 2
+    loss_b = forward_backward(lambda xy: b.loss(b(xy[0]), xy[1]), [(x, y)])  # batch 4
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -253,11 +256,14 @@ def test_epochs_print_epoch_losses_with_a_constant_rate(tmp_path, capsys):
     assert {r["lr"] for r in rows(tmp_path / "ch5")} == {4e-4}
 
 
-def test_defaults_are_the_documented_no_argument_run(tmp_path):
-    p = prepare(TrainConfig(out=str(tmp_path / "r")))
-    assert (p.tc.model, p.cfg.context_length, p.total_steps, p.device.type) == (
-        "tiny", 128, DEFAULT_STEPS, "cuda" if torch.cuda.is_available() else "cpu")
-    assert not (tmp_path / "r").exists()  # prepare writes nothing
+def test_defaults_are_the_documented_no_argument_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pc, rc = train_cli.configs([])
+    job, p = plan(pc, rc)
+    assert (pc.model, job.cfg.context_length, p.total_steps, p.device.type, p.out) == (
+        "tiny", 128, DEFAULT_STEPS, "cuda" if torch.cuda.is_available() else "cpu", Path("runs/tiny"))
+    assert plan(*train_cli.configs(["--fused"]))[1].out == Path("runs/tiny-fused")  # never the same folder
+    assert not (tmp_path / "runs").exists()  # planning writes nothing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +273,8 @@ def _ddp_worker(rank, world_size, port, cfg_dict, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    result = train(TrainConfig(**cfg_dict))
+    pc, rc = cfg_dict
+    result = pretrain(PretrainConfig(**pc), RunConfig(**rc))
     torch.save(result["model"].state_dict(), Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -283,16 +290,16 @@ def test_ddp_two_processes_match_single_process_on_the_same_global_batch(tmp_pat
     import torch.multiprocessing as mp
 
     corpus = write_corpus(tmp_path / "c.txt", repeats=8)
-    base = dict(model="tiny", data=str(corpus), context_length=32, tie_weights=True, grad_accum=2, steps=3,
-                lr=1e-3, eval_every=0, eval_batches=2, sample_tokens=2, device="cpu", progress=False)
+    pc = dict(model="tiny", data=str(corpus), context_length=32, tie_weights=True, sample_tokens=2)
+    base = dict(grad_accum=2, steps=3, lr=1e-3, eval_every=0, eval_batches=2, device="cpu", progress=False)
     ddp_out = tmp_path / "ddp"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), {**base, "batch_size": 1, "out": str(ddp_out)}, str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), (pc, {**base, "batch_size": 1, "out": str(ddp_out)}),
+                                str(tmp_path)), nprocs=2, join=True)
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for name in w0:
         assert torch.equal(w0[name], w1[name]), name  # DDP keeps the replicas identical
 
-    single = train(TrainConfig(**base, batch_size=2, out=str(tmp_path / "single")))
+    single = pretrain(PretrainConfig(**pc), RunConfig(**base, batch_size=2, out=str(tmp_path / "single")))
     losses = [(a["train_loss"], b["train_loss"]) for a, b in zip(rows(ddp_out), rows(tmp_path / "single"), strict=True)]
     assert len(losses) == 3 and losses[0][0] != losses[-1][0]
     for a, b in losses:
