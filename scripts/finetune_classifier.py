@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainable", choices=TRAINABLE,
                    help="what learns (default: last-block, the book's; lora with --lora-rank)")
     g.add_argument("--book", action="store_true", help="the book's recipe (see above); overrides those flags")
-    add_run_arguments(ap, lr=5e-5, epochs=5, batch_size=8, eval_every=50, eval_batches=5, out="runs/classifier",
-                      steps_help="optimizer steps (default: --epochs)")
+    add_run_arguments(ap, lr=5e-5, batch_size=8, eval_every=50, eval_batches=5, out="runs/classifier",
+                      steps_help="optimizer steps (default: 5 epochs, the book's)")
     return ap
 
 
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         args.pooling, args.trainable = "last", args.trainable or "last-block"
         args.lr, args.weight_decay, args.batch_size = 5e-5, 0.1, 8
         args.warmup_steps, args.min_lr, args.grad_clip = 0, 5e-5, 0.0
-        if args.steps is None:
-            args.epochs = 5
     trainable = args.trainable or ("lora" if args.lora_rank else "last-block")
     if args.max_length is not None and args.max_length < 1:
         raise ValueError(f"--max-length must be positive, got {args.max_length}")
+    if args.steps is None and args.epochs is None:
+        args.epochs = 5  # the book's
     rc = RunConfig.from_args(args)
     rc.check()
 

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip generating the test entries' responses after training")
     g.add_argument("--judge-url", help="Ollama chat API that scores the responses, e.g. http://localhost:11434/api/chat")
     g.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL, help="the judge's model name")
-    add_run_arguments(ap, lr=5e-5, epochs=2, batch_size=8, eval_every=5, eval_batches=5, out="runs/instruct",
-                      steps_help="optimizer steps (default: --epochs)")
+    add_run_arguments(ap, lr=5e-5, batch_size=8, eval_every=5, eval_batches=5, out="runs/instruct",
+                      steps_help="optimizer steps (default: 2 epochs, the book's)")
     return ap
 
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_length", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.steps is None and args.epochs is None:
+        args.epochs = 2  # the book's
     rc = RunConfig.from_args(args)
     rc.check()
 
