@@ -183,8 +183,9 @@ class GPTModel(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, cache=None, input_pos=None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T).
+    def forward(self, idx: torch.Tensor, cache=None, input_pos=None, *, targets=None, ignore_index: int = -100):
+        """Logits (B, T, V) for token ids idx (B, T); with `targets` (B, T), the mean next-token loss
+        instead (see `head_loss`: on the fused path the logits are then never materialized).
 
         With a KV cache (`model.kv_cache.KVCaches`), idx holds the tokens that follow what the cache
         already holds: they sit at positions input_pos + t, where input_pos is an int (every
@@ -214,21 +215,29 @@ class GPTModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, self.ops, cache.layers[i] if cache is not None else None, input_pos)  # (B, T, C)
         x = self.final_norm(x, self.ops)  # (B, T, C)
+        if targets is not None:
+            return self.head_loss(x, targets, ignore_index)  # scalar
         return self.out_head(x)  # (B, T, V)
 
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "GPTModel":
-        """Load a Hugging Face GPT-2 checkpoint (folder or .safetensors file); see model/weights.py."""
-        from model.weights import load_pretrained
-
-        return load_pretrained(path, **kwargs)
-
-    def save_pretrained(self, folder):
-        """Save as config.json + model.safetensors in Hugging Face's GPT-2 layout; see model/weights.py."""
-        from model.weights import save_pretrained
-
-        return save_pretrained(self, folder)
-
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy; logits (B, T, V), targets (B, T)."""
+        """Mean next-token cross-entropy of given logits (B, T, V) against targets (B, T). To train
+        without ever storing the logits, call `model(idx, targets=targets)` instead."""
         return self.ops.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of the head on final hidden states x (B, T, C) against targets (B, T).
+
+        PyTorch path: head, then loss, as ever. Fused path: `linear_cross_entropy` runs the head and
+        the loss chunk by chunk, so the (B*T, V) logits (1.6 GB in fp32 at B=8, T=1024) never exist.
+        It reads `out_head.weight`; a LoRA-wrapped head (model/lora.py) gives there its effective
+        weight W + (alpha/r) (A B)^T, so the adapter acts and gets its gradient through that tensor."""
+        x, targets = x.flatten(0, 1), targets.flatten()  # (N, C), (N,)
+        if not self.fused:
+            return self.ops.cross_entropy(self.out_head(x), targets, ignore_index=ignore_index)
+        if getattr(self.out_head, "bias", None) is not None:
+            raise ValueError("the fused LM loss takes a head without bias")
+        weight = self.out_head.weight  # (V, C)
+        if torch.is_autocast_enabled(x.device.type):  # the head's matmul in autocast's dtype, as F.linear's
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        return self.ops.linear_cross_entropy(x, weight.to(x.dtype), targets, ignore_index=ignore_index)

@@ -1,7 +1,7 @@
-"""The seam between the model and its compute: the four ops a GPT spends its time in.
+"""The seam between the model and its compute: the ops a GPT spends its time in.
 
 `GPTModel` calls attention, layer norm (alone, or with the residual add before it: `add_layer_norm`),
-bias+GELU and cross-entropy only through an `Ops` object, so the same weights run on PyTorch's
+bias+GELU and cross-entropy (alone, or with the LM head before it: `linear_cross_entropy`) only through an `Ops` object, so the same weights run on PyTorch's
 fastest built-ins (`TorchOps`, the default) or on this project's Triton kernels (`FusedOps`) by
 swapping one object: `GPTModel(cfg, fused=True)` or `model.use_fused_kernels(True)`. The plain book
 math for the same ops is in `kernels/reference.py`.
@@ -56,6 +56,19 @@ class TorchOps:
         # logits: (N, V), target: (N,) -> scalar mean over non-ignored rows
         return F.cross_entropy(logits, target, ignore_index=ignore_index)
 
+    def linear_cross_entropy(self, x, weight, target, ignore_index: int = -100):
+        # x: (N, C), weight: (V, C), target: (N,) -> cross_entropy(x W^T): the (N, V) logits exist here
+        return F.cross_entropy(F.linear(x, weight), target, ignore_index=ignore_index)
+
+
+def _linear_cross_entropy():
+    # The chunked LM-head loss is moving from kernels/cross_entropy.py to its own lesson file.
+    try:
+        from kernels.linear_cross_entropy import linear_cross_entropy
+    except ImportError:
+        from kernels.cross_entropy import linear_cross_entropy
+    return linear_cross_entropy
+
 
 def _kernels():
     # Imported here, not at the top: the PyTorch path needs no Triton.
@@ -68,7 +81,8 @@ def _kernels():
     from kernels.layer_norm import add_layer_norm, layer_norm
 
     return SimpleNamespace(flash_attention=flash_attention, decode_attention=decode_attention, layer_norm=layer_norm,
-                           add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy)
+                           add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy,
+                           linear_cross_entropy=_linear_cross_entropy())
 
 
 # What every script prints when --fused runs on a CPU (train.py, generate.py): one text, said once.
@@ -109,6 +123,10 @@ class FusedOps:
 
     def cross_entropy(self, logits, target, ignore_index: int = -100):
         return _kernels().cross_entropy(logits, target, ignore_index=ignore_index)
+
+    def linear_cross_entropy(self, x, weight, target, ignore_index: int = -100):
+        # The LM head and the loss chunk by chunk: the (N, V) logits are never stored.
+        return _kernels().linear_cross_entropy(x, weight, target, ignore_index=ignore_index)
 
 
 def get_ops(fused: bool):

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from model.gpt import GPTConfig, GPTModel, LayerNorm
+
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 
@@ -91,8 +93,6 @@ def _read_config(folder: Path) -> dict | None:
 
 
 def _config_from_hf(hf: dict, source: Path, overrides: dict):
-    from model.gpt import GPTConfig
-
     def field(*names, default=None):
         for n in names:
             if hf.get(n) is not None:
@@ -123,8 +123,6 @@ def _config_from_hf(hf: dict, source: Path, overrides: dict):
 
 def _config_from_shapes(tensors: dict, source: Path, overrides: dict):
     """Without config.json: everything but the head count shows in the shapes; GPT-2 uses 64-wide heads."""
-    from model.gpt import GPTConfig
-
     for key in ("wte.weight", "wpe.weight"):
         if key not in tensors:
             raise ValueError(f"{source}: missing key {key!r} (needed to infer the model's shape)")
@@ -148,8 +146,6 @@ def load_pretrained(path, *, device=None, dtype=None, fused: bool = False, **ove
     .safetensors file (config inferred from shapes, n_heads = n_embd / 64 as in every GPT-2).
     `overrides` replace GPTConfig fields (e.g. drop_rate=0.0). Weights are copied in as `dtype`
     (default float32) onto `device` (default CPU)."""
-    from model.gpt import GPTModel, LayerNorm
-
     path = Path(path)
     if path.is_dir():
         file, hf = path / WEIGHTS_NAME, _read_config(path)
@@ -240,3 +236,56 @@ def save_pretrained(model, folder) -> Path:
     (folder / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Any checkpoint this project reads: where fine-tuning (and generation) starts from
+# ----------------------------------------------------------------------------------------------
+TRAIN_CHECKPOINT = "checkpoint.pt"  # what scripts/train.py writes into its run folder
+
+
+def load_training_checkpoint(path, *, fused: bool = False) -> GPTModel:
+    """A GPTModel from a `scripts/train.py` checkpoint.pt (its "model" state and "model_config")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, in one line
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    config = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} is not a training checkpoint: expected a dict with 'model' and 'model_config' "
+                         f"(or a folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a .safetensors file)")
+    try:
+        cfg = GPTConfig(**config)
+    except TypeError as e:
+        raise ValueError(f"{path}: its model_config does not fit this GPTConfig: {e}") from e
+    model = GPTModel(cfg)
+    # torch.compile / DistributedDataParallel wrappers prefix the names; the weights are the same.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit its own model_config: {str(e).splitlines()[0]}") from e
+    return model.use_fused_kernels(fused).eval()
+
+
+def load_model(path, *, fused: bool = False) -> GPTModel:
+    """A float32 GPTModel on the CPU from any checkpoint kind this project reads:
+
+    - a `scripts/train.py` run folder, or the checkpoint.pt in it;
+    - a folder written by `save_pretrained` (config.json + model.safetensors), or a Hugging Face
+      GPT-2 folder of any size (gpt2, gpt2-medium, -large, -xl);
+    - a bare .safetensors file in GPT-2's layout (config inferred from the shapes).
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
+        if (path / TRAIN_CHECKPOINT).is_file():
+            return load_training_checkpoint(path / TRAIN_CHECKPOINT, fused=fused)
+        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} (a saved model) nor {TRAIN_CHECKPOINT} "
+                                "(a scripts/train.py run)")
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_pretrained(path, fused=fused)
+    return load_training_checkpoint(path, fused=fused)

@@ -35,7 +35,7 @@ from model.cli import Terminated, UsageError, run, terminate_as_exception  # noq
 from model.generate import stream_generate  # noqa: E402
 from model.ops import INTERPRETER_NOTICE  # noqa: E402
 from model.tokenizer import EOT, EOT_ID, decode, encode  # noqa: E402
-from model.weights import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from model.weights import CONFIG_NAME, WEIGHTS_NAME, load_pretrained  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PROMPT = "Every effort moves you"  # the book's running example
@@ -89,7 +89,7 @@ def load_model(checkpoint: str | None, preset: str) -> GPTModel:
     if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / "checkpoint.pt").is_file():
         path = path / "checkpoint.pt"  # a training run's folder
     if path.is_dir() or path.suffix == ".safetensors":
-        return GPTModel.from_pretrained(path)
+        return load_pretrained(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
     ckpt = read_checkpoint(path)

@@ -14,6 +14,7 @@ from model import GPTConfig, GPTModel, generate, stream_generate
 from model.generate import sample_next
 from model.kv_cache import KVCaches
 from model.ops import TorchOps
+from model.weights import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True)
@@ -301,7 +302,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
     # In-process from here on (a process costs seconds): a batch from a prompt file, HF-layout folder.
     main = _cli_main()
-    m.save_pretrained(tmp_path / "hf")
+    save_pretrained(m, tmp_path / "hf")
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
     assert main(["--checkpoint", str(tmp_path / "hf"), "--prompt-file", str(tmp_path / "prompts.txt"),
                  "--max-new-tokens", "6", "--no-cache"]) == 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model import PRESETS, GPTConfig, GPTModel
-from model.weights import _config_from_hf
+from model.weights import _config_from_hf, load_pretrained, save_pretrained
 
 CFG = GPTConfig(vocab_size=53, context_length=12, emb_dim=24, n_heads=3, n_layers=2, qkv_bias=True, tie_weights=True)
 
@@ -86,13 +86,13 @@ def test_hf_layout_loads_and_matches_a_direct_computation(tmp_path, prefix):
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(hf_config(CFG)))
-    m = GPTModel.from_pretrained(folder)
+    m = load_pretrained(folder)
     assert m.cfg == GPTConfig(**{**CFG.to_dict(), "drop_rate": 0.1})
     assert m.out_head.weight is m.tok_emb.weight
     torch.testing.assert_close(m(idx).double(), want, atol=1e-5, rtol=1e-5)
 
     # The bare file: the config comes from the shapes (n_heads from GPT-2's 64-wide heads, or given).
-    bare = GPTModel.from_pretrained(folder / "model.safetensors", n_heads=3)
+    bare = load_pretrained(folder / "model.safetensors", n_heads=3)
     assert bare.cfg == CFG
     torch.testing.assert_close(bare(idx).double(), want, atol=1e-5, rtol=1e-5)
 
@@ -102,19 +102,19 @@ def test_hf_file_with_lm_head_and_half_precision(tmp_path):
     tensors = hf_tensors(src, "transformer.")
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()  # saved by some exporters
     save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(tmp_path / "w.safetensors"))
-    m = GPTModel.from_pretrained(tmp_path / "w.safetensors", n_heads=3)
+    m = load_pretrained(tmp_path / "w.safetensors", n_heads=3)
     assert m.cfg.tie_weights and next(m.parameters()).dtype == torch.float32
     idx = torch.randint(0, 53, (1, 12))
     want = gpt2_logits({k: v.to(torch.bfloat16) for k, v in tensors.items()}, idx, n_head=3)
     torch.testing.assert_close(m(idx).double(), want, atol=1e-4, rtol=1e-4)
-    assert GPTModel.from_pretrained(tmp_path / "w.safetensors", n_heads=3, dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
+    assert load_pretrained(tmp_path / "w.safetensors", n_heads=3, dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("tie,qkv_bias", [(True, True), (False, False)])
 def test_save_pretrained_round_trip(tmp_path, tie, qkv_bias):
     cfg = GPTConfig(**{**CFG.to_dict(), "tie_weights": tie, "qkv_bias": qkv_bias, "drop_rate": 0.2})
     m = random_model(cfg)
-    m.save_pretrained(tmp_path / "ours")
+    save_pretrained(m, tmp_path / "ours")
     saved = load_file(str(tmp_path / "ours" / "model.safetensors"))
     assert ("lm_head.weight" in saved) == (not tie)
     assert ("h.0.attn.c_attn.bias" in saved) == qkv_bias
@@ -122,7 +122,7 @@ def test_save_pretrained_round_trip(tmp_path, tie, qkv_bias):
     hf = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert (hf["n_embd"], hf["n_layer"], hf["n_head"], hf["n_positions"], hf["vocab_size"]) == (24, 2, 3, 12, 53)
 
-    back = GPTModel.from_pretrained(tmp_path / "ours")
+    back = load_pretrained(tmp_path / "ours")
     assert back.cfg == cfg
     idx = torch.randint(0, 53, (2, 12))
     assert torch.equal(back(idx), m(idx))
@@ -153,10 +153,10 @@ def test_layer_norm_epsilon_is_honoured(tmp_path):
     tensors = hf_tensors(src)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(hf_config(CFG, layer_norm_epsilon=0.5)))
-    m = GPTModel.from_pretrained(tmp_path)
+    m = load_pretrained(tmp_path)
     idx = torch.randint(0, 53, (1, 5))
     torch.testing.assert_close(m(idx).double(), gpt2_logits(tensors, idx, 3, eps=0.5), atol=1e-5, rtol=1e-5)
-    m.save_pretrained(tmp_path / "again")
+    save_pretrained(m, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["layer_norm_epsilon"] == 0.5
 
 
@@ -172,43 +172,43 @@ def test_bad_checkpoints_raise_errors_naming_the_key_or_file(tmp_path):
 
     missing = {k: v for k, v in good.items() if k != "h.1.mlp.c_fc.bias"}
     with pytest.raises(ValueError, match=r"missing key\(s\) h\.1\.mlp\.c_fc\.bias"):
-        GPTModel.from_pretrained(_write(tmp_path / "a", missing))
+        load_pretrained(_write(tmp_path / "a", missing))
 
     with pytest.raises(ValueError, match=r"unexpected key\(s\) h\.0\.attn\.rotary"):
-        GPTModel.from_pretrained(_write(tmp_path / "b", {**good, "h.0.attn.rotary": torch.zeros(2)}))
+        load_pretrained(_write(tmp_path / "b", {**good, "h.0.attn.rotary": torch.zeros(2)}))
 
     with pytest.raises(ValueError, match=r"unexpected key\(s\) h\.2\.ln_1\.weight"):  # a layer too many
-        GPTModel.from_pretrained(_write(tmp_path / "c", {**good, "h.2.ln_1.weight": torch.zeros(24)}))
+        load_pretrained(_write(tmp_path / "c", {**good, "h.2.ln_1.weight": torch.zeros(24)}))
 
     wrong = dict(good, **{"h.0.attn.c_attn.weight": good["h.0.attn.c_attn.weight"].T.contiguous()})  # not transposed
     with pytest.raises(ValueError, match=r"'h\.0\.attn\.c_attn\.weight' has shape \(72, 24\), expected \(24, 72\)"):
-        GPTModel.from_pretrained(_write(tmp_path / "d", wrong))
+        load_pretrained(_write(tmp_path / "d", wrong))
 
     untied = dict(good, **{"lm_head.weight": torch.randn(53, 24)})
     with pytest.raises(ValueError, match="lm_head.weight"):
-        GPTModel.from_pretrained(_write(tmp_path / "e", untied))
+        load_pretrained(_write(tmp_path / "e", untied))
 
     twice = dict(good, **{"transformer.wte.weight": good["wte.weight"].clone()})
     with pytest.raises(ValueError, match="stored twice"):
-        GPTModel.from_pretrained(_write(tmp_path / "f", twice))
+        load_pretrained(_write(tmp_path / "f", twice))
 
     corrupt = _write(tmp_path / "g", good)
     data = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=r"could not read .*g/model\.safetensors"):
-        GPTModel.from_pretrained(corrupt)
+        load_pretrained(corrupt)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00not a safetensors file at all")
     with pytest.raises(ValueError, match=r"junk\.safetensors"):
-        GPTModel.from_pretrained(tmp_path / "junk.safetensors")
+        load_pretrained(tmp_path / "junk.safetensors")
 
     (corrupt / "config.json").write_text("{n_embd: 24")
     with pytest.raises(ValueError, match=r"g/config\.json"):
-        GPTModel.from_pretrained(corrupt)
+        load_pretrained(corrupt)
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        GPTModel.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/model\.safetensors"):
-        GPTModel.from_pretrained(tmp_path / "empty")
+        load_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="n_heads"):  # a bare file whose width is not 64-head friendly
-        GPTModel.from_pretrained(_write(tmp_path / "h", good) / "model.safetensors")
+        load_pretrained(_write(tmp_path / "h", good) / "model.safetensors")
