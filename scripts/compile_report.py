@@ -28,6 +28,16 @@ from model.cli import run  # noqa: E402
 from tools import compile_check as cc  # noqa: E402
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernel", help="only specs whose module or spec name contains this (e.g. layer_norm, train.bf16)")
@@ -81,7 +91,7 @@ def main(argv=None) -> int:
     if args.json:
         meta = {"command": "python scripts/compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": platform.processor() or platform.machine(),
-                "workers": args.workers, "cold_cache": not args.warm_cache, "wall_s": round(elapsed)}
+                "commit": _commit(), "workers": args.workers, "cold_cache": not args.warm_cache, "wall_s": round(elapsed)}
         Path(args.json).write_text(json.dumps(cc.to_json(report, **meta), indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.markdown:
