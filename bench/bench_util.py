@@ -174,6 +174,28 @@ def run_pedantic(benchmark, fn: Callable[[], object], device: torch.device, roun
 
 
 # ----------------------------------------------------------------------------------------------
+# The machine's ceilings, measured (what a kernel's figures are read against, besides its baselines)
+# ----------------------------------------------------------------------------------------------
+def copy_bandwidth_gbs(device: torch.device, mib: int = 1024) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting the bytes read and the bytes written (2 x
+    the buffer), as the row-wise benches count theirs. The buffer is far larger than L2."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return sig(2 * src.numel() / (ms * 1e-3) / 1e9)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """TFLOP/s of one (n, n) @ (n, n) matmul (2 n^3 FLOPs) in dtype: what the tensor cores deliver
+    here, through cuBLAS."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # cuBLAS picks its algorithm
+    ms = median_ms(lambda: a @ b, device)
+    return sig(2 * n**3 / (ms * 1e-3) / 1e12)
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernel benches
 # ----------------------------------------------------------------------------------------------
 def make_step(fn: Callable, inputs: Sequence, pass_: str, grad_argnums: Sequence[int]) -> Callable[[], object]:
