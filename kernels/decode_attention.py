@@ -420,7 +420,7 @@ def _spec_call(B: int, H: int, D: int, Tq: int, dtype):
 COMPILE_SPECS = [
     CompileSpec(f"decode_attention.step.{DTYPE_NAMES[dt]}.{preset}.b{B}.tq{Tq}", _spec_call(B, H, C // H, Tq, dt),
                 f"{preset} decode, batch {B}, {Tq} new token(s) against a {GPT2_CONTEXT}-key cache, {DTYPE_NAMES[dt]}")
-    for dt in (torch.float32, torch.bfloat16, torch.float16)
+    for dt in (torch.bfloat16, torch.float32, torch.float16)
     for preset, (C, H) in GPT2_PRESETS.items()
     for B in (1, 8)
     for Tq in (1, 4)
