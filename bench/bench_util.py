@@ -104,10 +104,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cuda_ms(fn: Callable[[], object], quick: bool = False, budget_ms: float = 200.0) -> list[float]:
-    """Per-call times (ms) of fn on the current CUDA device: CUDA events around each call, L2
-    wiped before each. The caller has already run fn once (compilation, autotuning)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+def time_cuda_ms(fn: Callable[[], object], quick: bool = False, budget_ms: float = 200.0,
+                 device: torch.device | None = None) -> list[float]:
+    """Per-call times (ms) of fn on `device` (default: the current CUDA device): CUDA events around
+    each call, L2 wiped before each. The caller has already run fn once (compilation, autotuning)."""
+    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
+        return _time_cuda_ms(fn, quick, budget_ms)
+
+
+def _time_cuda_ms(fn, quick, budget_ms):
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # on the device selected above
     # Estimate one call, then choose how many to time so that the whole thing takes ~budget_ms.
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -136,7 +142,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, quick: bool = Fals
     """Median milliseconds of fn: CUDA events on a GPU; elsewhere the wall clock (the kernel benches
     skip off-GPU, but the bench code itself can then be exercised on a CPU)."""
     if device.type == "cuda":
-        return statistics.median(time_cuda_ms(fn, quick=quick))
+        return statistics.median(time_cuda_ms(fn, quick=quick, device=device))
     return 1e3 * time_call(fn, device, rounds=1 if quick else 5)
 
 
@@ -171,6 +177,28 @@ def run_pedantic(benchmark, fn: Callable[[], object], device: torch.device, roun
         return time.perf_counter() - t0
     benchmark.pedantic(synced, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     return benchmark.stats.stats.median
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine's ceilings, measured (what a kernel's figures are read against, besides its baselines)
+# ----------------------------------------------------------------------------------------------
+def copy_bandwidth_gbs(device: torch.device, mib: int = 1024) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting the bytes read and the bytes written (2 x
+    the buffer), as the row-wise benches count theirs. The buffer is far larger than L2."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return sig(2 * src.numel() / (ms * 1e-3) / 1e9)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """TFLOP/s of one (n, n) @ (n, n) matmul (2 n^3 FLOPs) in dtype: what the tensor cores deliver
+    here, through cuBLAS."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # cuBLAS picks its algorithm
+    ms = median_ms(lambda: a @ b, device)
+    return sig(2 * n**3 / (ms * 1e-3) / 1e12)
 
 
 # ----------------------------------------------------------------------------------------------

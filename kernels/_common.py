@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -75,23 +76,37 @@ def next_power_of_2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Launch configurations: autotuned on a GPU, one fixed configuration in the interpreter.
 # ----------------------------------------------------------------------------------------------
-def autotune(configs: list, key: list[str], **kwargs):
+def autotune(configs: list, key: list[str], prune_configs_by: dict | None = None, **kwargs):
     """`triton.autotune` on a GPU; on the interpreter only the first config (autotuning several
-    configs needs a driver, and timing the interpreter would mean nothing anyway)."""
-    return triton.autotune(configs=configs if not INTERPRET else configs[:1], key=key, **kwargs)
+    configs needs a driver, and timing the interpreter would mean nothing anyway).
+
+    GPT_TRITON_MAX_CONFIGS=n (read at import) keeps the first n configs of what the kernel's own
+    pruner keeps (its list's order is the preference order): the budget mode of
+    scripts/gpu_session.py sets it so that compiling and autotuning fit a short run."""
+    configs = configs if not INTERPRET else configs[:1]
+    limit = int(os.environ.get("GPT_TRITON_MAX_CONFIGS", "0") or 0)
+    if limit > 0:
+        prune = dict(prune_configs_by or {})
+        early = prune.get("early_config_prune")
+
+        def first_n(cfgs, named_args, **kw):
+            return (early(cfgs, named_args, **kw) if early else list(cfgs))[:limit]
+
+        prune["early_config_prune"] = first_n
+        prune_configs_by = prune
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every kernel file lists, for each of its kernels, the argument types and every
-# block configuration its launcher can pick, so that `kernels.compile_check` can compile all of
-# them for sm_80 and sm_90 on a machine without a GPU and report registers, spills and shared memory.
+# Compile specs: every kernel file lists calls of its op at GPT-2's shapes (COMPILE_SPECS, at the
+# bottom); tools/compile_check.py runs each on CPU tensors with Triton's launch intercepted, and
+# compiles every variant the JIT would build from those calls for sm_80 and sm_90.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class CompileSpec:
-    name: str  # a short label, e.g. "flash_attention.fwd"
-    kernel: object  # the @triton.jit function (a JITFunction, or an InterpretedFunction wrapping one)
-    signature: dict  # argument name -> Triton type string ("*fp16", "i32", "fp32", "constexpr")
-    configs: list = field(default_factory=list)  # list of dicts: constexpr values + num_warps/num_stages
+    name: str  # "<op>.<case>.<dtype>...", e.g. "flash_attention.train.bf16.d64"
+    launch: Callable[[], object]  # runs the op (forward, and backward where training runs it)
+    shape: str = ""  # what the call stands for: "gpt2-124M training, B x 1024 tokens"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +154,8 @@ def as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
 
 # Column sums without atomics (taught in bias_gelu.py): each program of a backward writes its group
 # of rows' partial sums as one row of an (n_groups, N) fp32 buffer, and this kernel adds the rows up
-# in a fixed order, so the answer is the same bit for bit on every run. Its CompileSpecs are
-# SUM_PARTIALS_COMPILE_SPECS, listed once, in bias_gelu.COMPILE_SPECS.
+# in a fixed order, so the answer is the same bit for bit on every run. (The compile check builds it
+# from the bias_gelu and layer_norm backward calls that launch it.)
 @triton.jit
 def _sum_partials_kernel(
     PARTIAL,  # (n_groups, N) fp32, contiguous
@@ -176,13 +191,19 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-SUM_PARTIALS_COMPILE_SPECS = [
-    CompileSpec(
-        name=f"sum_partials.{ty}",
-        kernel=_sum_partials_kernel,
-        signature={"PARTIAL": "*fp32", "OUT": f"*{ty}", "n_groups": "i32", "N": "i32",
-                   "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
-        configs=[_SUM_PARTIALS_CONFIG],
-    )
-    for ty in ("fp32", "fp16", "bf16")
-]
+# ----------------------------------------------------------------------------------------------
+# GPT-2's shapes, for the COMPILE_SPECS calls at the bottom of every kernel file.
+# ----------------------------------------------------------------------------------------------
+GPT2_PRESETS = {"gpt2-124M": (768, 12), "gpt2-355M": (1024, 16), "gpt2-774M": (1280, 20), "gpt2-1558M": (1600, 25)}
+GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (activation dtype, parameter dtype) as the model runs them: training under bf16/fp16 autocast
+# (fp32 parameters), and fp32; bf16 first, so that each lesson's first spec (what CI compiles) is
+# the speed path.
+TRAIN_DTYPES = ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float16, torch.float32))
+
+
+def backward_of(out: torch.Tensor) -> None:
+    """Run the backward of `out` with an uninitialised gradient: a compile-spec call needs the
+    launches' shapes, strides and dtypes, never their values."""
+    out.backward(torch.empty_like(out))

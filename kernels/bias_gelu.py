@@ -67,8 +67,12 @@ from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
     NUM_STAGES,
-    SUM_PARTIALS_COMPILE_SPECS,
+    DTYPE_NAMES,
+    GPT2_CONTEXT,
+    GPT2_PRESETS,
+    TRAIN_DTYPES,
     CompileSpec,
+    backward_of,
     as_rows,
     cast_for_store,
     check_device,
@@ -322,33 +326,22 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
-# filling a 2048-element tile), per input dtype with an fp32 bias (the model's parameters are fp32).
+# Compile specs: the MLP's call at every GPT-2 width (x = the fc output, (B, T, 4C), bias (4C,)),
+# forward and backward, in the dtypes the model trains in; tools/compile_check.py compiles what
+# these launch (the dBias column sum included).
 # ----------------------------------------------------------------------------------------------
-_CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
+def _spec_call(C: int, dtype, param_dtype):
+    def call():
+        x = torch.empty(1, GPT2_CONTEXT, 4 * C, dtype=dtype, requires_grad=True)  # (B, T, 4C)
+        bias = torch.empty(4 * C, dtype=param_dtype, requires_grad=True)
+        backward_of(bias_gelu(x, bias))
+
+    return call
+
 
 COMPILE_SPECS = [
-    spec
-    for ty in ("fp32", "fp16", "bf16")
-    for spec in (
-        CompileSpec(
-            name=f"bias_gelu.fwd.{ty}",
-            kernel=_bias_gelu_fwd_kernel,
-            signature={
-                "X": f"*{ty}", "BIAS": "*fp32", "Y": f"*{ty}", "stride_x_row": "i32", "M": "i32", "N": "i32",
-                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            },
-            configs=_CONFIGS,
-        ),
-        CompileSpec(
-            name=f"bias_gelu.bwd.{ty}",
-            kernel=_bias_gelu_bwd_kernel,
-            signature={
-                "X": f"*{ty}", "BIAS": "*fp32", "DY": f"*{ty}", "DX": f"*{ty}", "DBIAS_PARTIAL": "*fp32",
-                "stride_x_row": "i32", "stride_dy_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
-                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-            },
-            configs=_CONFIGS,
-        ),
-    )
-] + SUM_PARTIALS_COMPILE_SPECS  # the shared dBias/dW reduction (kernels/_common.py), listed here once
+    CompileSpec(f"bias_gelu.train.{DTYPE_NAMES[dt]}.{preset}", _spec_call(C, dt, pdt),
+                f"{preset} MLP, B x {GPT2_CONTEXT} tokens, x {DTYPE_NAMES[dt]}, bias {DTYPE_NAMES[pdt]}")
+    for dt, pdt in TRAIN_DTYPES
+    for preset, (C, _) in GPT2_PRESETS.items()
+]

@@ -58,6 +58,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    DTYPE_NAMES,
+    GPT2_CONTEXT,
+    GPT2_VOCAB,
+    TRAIN_DTYPES,
     CompileSpec,
     cast_for_store,
     check_device,
@@ -167,7 +171,7 @@ def _cross_entropy_fwd_kernel(
 # fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk that covers the row.
 MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
 _BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(MAX_BLOCK_V)) + 1)]
-NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
+NUM_STAGES = 3  # Triton's default on NVIDIA, stated explicitly
 
 
 def _launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
@@ -523,22 +527,31 @@ def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return, with and without the gradient pass.
+# Compile specs: the model's loss over GPT-2's vocabulary, (B*T, V) logits in the dtypes it trains
+# in: training (loss and gradient), evaluation (the loss only), and the LM head fused with the loss
+# (linear_cross_entropy: its matmuls are torch's, the kernel runs on each chunk of logits). The row
+# count only sizes the grid and the chunk loop, so linear_cross_entropy runs 1 row (its matmuls run
+# on the CPU here).
 # ----------------------------------------------------------------------------------------------
+def _spec_call(dtype, grad: bool, linear: bool = False, C: int = 768):
+    def call():
+        N = 1 if linear else GPT2_CONTEXT
+        target = torch.randint(0, GPT2_VOCAB, (N,))
+        if linear:
+            x = torch.empty(N, C, dtype=dtype, requires_grad=grad)
+            w = torch.empty(GPT2_VOCAB, C, dtype=dtype, requires_grad=grad)
+            loss = linear_cross_entropy(x, w, target)
+        else:
+            loss = cross_entropy(torch.empty(N, GPT2_VOCAB, dtype=dtype, requires_grad=grad), target)
+        if grad:
+            loss.backward()
+
+    return call
+
+
 COMPILE_SPECS = [
-    CompileSpec(
-        name=f"cross_entropy.fwd.{ty}",
-        kernel=_cross_entropy_fwd_kernel,
-        signature={
-            "LOGITS": f"*{ty}", "TARGET": "*i64", "LOSS": "*fp32", "GRAD": f"*{ty}",
-            "stride_row": "i32", "V": "i32", "ignore_index": "i32", "scale": "fp32",
-            "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr",
-        },
-        configs=[
-            {**_launch_config(block_v, max_block_v=block_v), "HAS_GRAD": has_grad}
-            for block_v in _BLOCK_V_CHOICES
-            for has_grad in (True, False)
-        ],
-    )
-    for ty in ("fp32", "fp16", "bf16")
+    CompileSpec(f"cross_entropy.{case}.{DTYPE_NAMES[dt]}", _spec_call(dt, case != "eval", case == "linear"),
+                f"{case}: {1 if case == 'linear' else GPT2_CONTEXT} row(s) x {GPT2_VOCAB} classes, {DTYPE_NAMES[dt]}")
+    for case in ("train", "eval", "linear")
+    for dt, _ in TRAIN_DTYPES
 ]

@@ -70,7 +70,7 @@ Implementation notes
   input_precision="ieee" (no TF32). Triton's interpreter cannot multiply bf16 tiles, so there (only)
   bf16 tiles are widened to fp32 first (DOT_FP32); P is still rounded to bf16 before the widening,
   so the interpreter computes what the GPU does. (Widening every dtype to fp32 instead makes the
-  dot an FMA loop that needs ~255 registers and spills: kernels/compile_check.py showed it.)
+  dot an FMA loop that needs ~255 registers and spills: tools/compile_check.py showed it.)
 * D is a compile-time constant: with D == BLOCK_D (64, 128) the head-dim mask folds away and K/V
   rows load as 16-byte vectors; other head dims (e.g. 80) are padded to BLOCK_D and masked.
 * seq_lens is validated on the host (one device-to-host sync per call): a bad length would otherwise
@@ -88,6 +88,9 @@ import torch
 from kernels._common import (
     FLOAT_DTYPES,
     INTERPRET,
+    DTYPE_NAMES,
+    GPT2_CONTEXT,
+    GPT2_PRESETS,
     CompileSpec,
     check_device,
     check_dtype,
@@ -439,50 +442,30 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None, check_lengths
 
 
 # ----------------------------------------------------------------------------------------------
-# Every configuration the launcher can pick, for kernels.compile_check (sm_80 and sm_90).
+# Compile specs: the model's decode step (model/gpt.py with per-sequence positions): q a strided
+# view of the fused QKV projection, (B, H, Tq, D), against the whole (B, H, 1024, D) cache, lengths
+# checked by the cache (check_lengths=False), batch 1 and 8, at every GPT-2 width (the head count H
+# is a kernel argument: 16 heads specialise differently from 12); Tq = 4 stands for a chunked or
+# speculative step (the tl.dot path). tools/compile_check.py compiles what these launch.
 # ----------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+def _spec_call(B: int, H: int, D: int, Tq: int, dtype):
+    def call():
+        qkv = torch.empty(B, Tq, 3, H, D, dtype=dtype)  # (B, Tq, 3, H, D), as the model's projection
+        q = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, H, Tq, D)
+        k_cache, v_cache = (torch.empty(B, H, GPT2_CONTEXT, D, dtype=dtype) for _ in range(2))
+        seq_lens = torch.full((B,), GPT2_CONTEXT // 2, dtype=torch.int64)
+        decode_attention(q, k_cache, v_cache, seq_lens, check_lengths=False)
 
+    return call
 
-def _fwd_signature(dt: str) -> dict:
-    sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "SeqLens": "*i32", "O_part": "*fp32", "LSE_part": "*fp32",
-           "qk_scale": "fp32"}
-    for p in "qkv":  # ":16": multiples of the head dim (64 or 128), hence of 16, as the launcher sees
-        for dim in ("b", "h", "t" if p == "q" else "n"):
-            sig[f"stride_{p}{dim}"] = "i32:16"
-        sig[f"stride_{p}d"] = "i32"
-    sig.update({"H": "i32", "Tq": "i32", "n_blocks": "i32", "num_splits": "i32",
-                "D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-                "DOT_FP32": "constexpr"})
-    return sig
-
-
-def _combine_signature(dt: str) -> dict:
-    sig = {"O_part": "*fp32", "LSE_part": "*fp32", "Out": f"*{dt}"}
-    sig.update({f"stride_o{dim}": "i32:16" for dim in "bht"})
-    sig["stride_od"] = "i32"
-    sig.update({"H": "i32", "Tq": "i32", "num_splits": "i32", "D": "constexpr", "BLOCK_S": "constexpr",
-                "BLOCK_D": "constexpr"})
-    return sig
-
-
-_LAUNCH = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-# The head-dim strides are 1 in every launch that matters (a cache whose rows are contiguous); Triton
-# compiles an int argument equal to 1 as a constant, and that is what lets a load vectorise.
-_UNIT_STRIDES = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1}
-_FWD_CONFIGS = [{"D": d, **_block_config(tq, d), "DOT_FP32": False, **_UNIT_STRIDES, **_LAUNCH}
-                for tq in (1, 2) for d in (64, 128)]
-_COMBINE_CONFIGS = [{"D": d, "BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": d, "stride_od": 1, **_LAUNCH} for d in (64, 128)]
 
 COMPILE_SPECS = [
-    spec
-    for torch_dtype in FLOAT_DTYPES
-    for spec in (
-        CompileSpec(f"decode_attention.fwd.{_TRITON_DTYPE[torch_dtype]}", _decode_attention_fwd_kernel,
-                    _fwd_signature(_TRITON_DTYPE[torch_dtype]), _FWD_CONFIGS),
-        CompileSpec(f"decode_attention.combine.{_TRITON_DTYPE[torch_dtype]}", _decode_attention_combine_kernel,
-                    _combine_signature(_TRITON_DTYPE[torch_dtype]), _COMBINE_CONFIGS),
-    )
+    CompileSpec(f"decode_attention.step.{DTYPE_NAMES[dt]}.{preset}.b{B}.tq{Tq}", _spec_call(B, H, C // H, Tq, dt),
+                f"{preset} decode, batch {B}, {Tq} new token(s) against a {GPT2_CONTEXT}-key cache, {DTYPE_NAMES[dt]}")
+    for dt in (torch.bfloat16, torch.float32, torch.float16)
+    for preset, (C, H) in GPT2_PRESETS.items()
+    for B in (1, 8)
+    for Tq in (1, 4)
 ]
 
 __all__ = ["decode_attention", "COMPILE_SPECS"]

@@ -99,7 +99,12 @@ import torch
 from kernels._common import (
     FLOAT_DTYPES,
     INTERPRET,
+    DTYPE_NAMES,
+    GPT2_CONTEXT,
+    GPT2_PRESETS,
+    TRAIN_DTYPES,
     CompileSpec,
+    backward_of,
     autotune,
     check_device,
     check_dtype,
@@ -123,7 +128,7 @@ def _config(bm, bn, warps, stages):
 
 
 # Per kernel, per dtype class; every one compiles for sm_80 and sm_90 at D = 64 and 128 with no
-# register spills (kernels/compile_check.py), which is what rules most larger tiles out: the
+# register spills (tools/compile_check.py), which is what rules most larger tiles out: the
 # backward keeps more tiles live than the forward (k, v, dK, dV, and P, dP, dS).
 _CONFIGS_16BIT = {  # fp16 / bf16: tensor-core dots
     "fwd": [_config(64, 64, 4, 2), _config(64, 64, 4, 3), _config(128, 64, 8, 2)],
@@ -774,72 +779,44 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every kernel x dtype x head-dim class, with every config the autotuner may pick
-# there (the same pruning as at run time), for `kernels.compile_check`.
+# Compile specs: the model's calls (model/gpt.py): q, k, v strided views of the fused QKV
+# projection, (B, H, T, D). Training: forward and backward at T = 1024, every GPT-2 preset (all of
+# head dim 64), and GPT-2-like widths whose head dims the launcher pads (80, 96 -> BLOCK_D 128; 128).
+# Generation: a 7-token prompt against the KV cache (k, v views of the (B, H, 1024, D) buffers),
+# forward only. tools/compile_check.py compiles every variant the autotuner may pick for these.
 # ----------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP32_POINTERS = {"LSE", "DELTA"}  # the statistics are fp32 whatever the input dtype
+_SPEC_HEADS = [(preset, H, C // H) for preset, (C, H) in GPT2_PRESETS.items()] + [
+    ("1280-wide/16 heads", 16, 80), ("768-wide/8 heads", 8, 96), ("1536-wide/12 heads", 12, 128)]
 
 
-def _signature(kernel, dtype) -> dict:
-    fn = kernel
-    while not inspect.isfunction(fn):  # Autotuner -> JITFunction/InterpretedFunction -> Python function
-        fn = fn.fn
-    sig = {}
-    for p in inspect.signature(fn).parameters.values():
-        if "constexpr" in str(p.annotation):
-            sig[p.name] = "constexpr"
-        elif p.name in _FP32_POINTERS:
-            sig[p.name] = "*fp32"
-        elif p.name == "sm_scale":
-            sig[p.name] = "fp32"
-        elif p.name.startswith("stride_") and not p.name.endswith("d"):
-            # Batch, head and row strides of (B, H, T, D) tensors with D a multiple of 16 (every
-            # GPT head dim, and the fused QKV views: row stride 3 * H * D) are multiples of 16,
-            # which lets each row's loads vectorise. The last-dim strides are 1 (see _unit_strides).
-            sig[p.name] = "i32:16"
-        elif p.name.startswith("stride_") or p.name in ("Tq", "Tk", "SEQ_BUCKET"):
-            sig[p.name] = "i32"
-        else:
-            sig[p.name] = "*" + _TRITON_DTYPE[dtype]
-    return sig
+def _spec_train(H: int, D: int, dtype):
+    def call():
+        T = GPT2_CONTEXT
+        qkv = torch.empty(1, T, 3, H, D, dtype=dtype, requires_grad=True)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        y = flash_attention(q, k, v, causal=True).transpose(1, 2).reshape(1, T, H * D)  # (B, T, C)
+        backward_of(y)
+
+    return call
 
 
-def _unit_strides(sig: dict) -> dict:
-    """The head dim is contiguous in every real call (views of a fused QKV tensor too), and Triton's
-    launcher turns an int equal to 1 into the constant 1: without that each element of a tile needs
-    its own 64-bit address and the D = 128 tiles spill."""
-    return {n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}
+def _spec_prefill(H: int, D: int, dtype, T: int = 7):
+    def call():
+        qkv = torch.empty(1, T, 3, H, D, dtype=dtype)  # (B, T, 3, H, D)
+        q = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, H, T, D)
+        k_cache, v_cache = (torch.empty(1, H, GPT2_CONTEXT, D, dtype=dtype) for _ in range(2))
+        flash_attention(q, k_cache[:, :, :T], v_cache[:, :, :T], causal=True)
+
+    return call
 
 
-def _compile_specs() -> list:
-    specs = []
-    for dtype in FLOAT_DTYPES:
-        for head_dim in (64, 128):
-            name = f"{_TRITON_DTYPE[dtype]}.d{head_dim}"
-            base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, DOT_FP32=False)
-            for label, kind, kernel in (
-                ("fwd", "fwd", _flash_attention_fwd_kernel),
-                ("bwd_dkdv", "dkdv", _flash_attention_bwd_dkdv_kernel),
-                ("bwd_dq", "dq", _flash_attention_bwd_dq_kernel),
-            ):
-                kept = _configs_for(kind, dtype, head_dim)
-                entries = [
-                    {**base, "CAUSAL": True, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-                    for c in kept
-                ]
-                # Non-causal attention compiles separately; its default config stands for the rest.
-                entries.append({**entries[0], "CAUSAL": False})
-                sig = _signature(kernel, dtype)
-                entries = [{**e, **_unit_strides(sig)} for e in entries]
-                specs.append(CompileSpec(f"{OP}.{label}.{name}", kernel, sig, entries))
-            sig = _signature(_flash_attention_bwd_preprocess_kernel, dtype)
-            specs.append(CompileSpec(
-                f"{OP}.bwd_preprocess.{name}", _flash_attention_bwd_preprocess_kernel, sig,
-                [dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=_PRE_BLOCK_M, num_warps=4, num_stages=2,
-                      **_unit_strides(sig))],
-            ))
-    return specs
-
-
-COMPILE_SPECS = _compile_specs()
+COMPILE_SPECS = [
+    CompileSpec(f"{OP}.train.{DTYPE_NAMES[dt]}.d{D}.{label}", _spec_train(H, D, dt),
+                f"{label} training, B x {GPT2_CONTEXT} tokens, {H} heads of {D}, {DTYPE_NAMES[dt]}")
+    for dt, _ in TRAIN_DTYPES
+    for label, H, D in _SPEC_HEADS
+] + [
+    CompileSpec(f"{OP}.prefill.{DTYPE_NAMES[dt]}.d64", _spec_prefill(12, 64, dt),
+                f"gpt2-124M generation: a 7-token prompt into the KV cache, {DTYPE_NAMES[dt]}")
+    for dt in (torch.float32, torch.bfloat16, torch.float16)
+]

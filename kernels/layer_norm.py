@@ -96,7 +96,12 @@ from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
     NUM_STAGES,
+    DTYPE_NAMES,
+    GPT2_CONTEXT,
+    GPT2_PRESETS,
+    TRAIN_DTYPES,
     CompileSpec,
+    backward_of,
     as_rows,
     cast_for_store,
     check_device,
@@ -242,7 +247,7 @@ def _layer_norm_bwd_kernel(
 # One program holds a whole row: BLOCK_N = next power of 2 >= N, with the warps growing with the row
 # (BLOCK_N / 256, at most 16). Register budget: at BLOCK_N = 8192 the backward holds x, dY, w and the
 # two dW/dB accumulators, 16 fp32 values each per thread, at the 128-register cap of a 16-warp
-# program, and the compile check (kernels/compile_check.py) finds it spilling 24-96 bytes per thread
+# program, and the compile check (tools/compile_check.py) finds it spilling 24-96 bytes per thread
 # on sm_80 and sm_90. So MAX_N = 4096, 2.5x GPT-2's widest row (1600); a wider row is refused
 # rather than silently slowed by spills.
 MIN_BLOCK_N, MAX_N = 16, 4096
@@ -456,38 +461,28 @@ def add_layer_norm(
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
-# 1 ... 16), with and without the residual (layer_norm.* and add_layer_norm.*), per input dtype with
-# fp32 weight and bias (the model's parameters are fp32). The dW/dB reduction is
-# `_common._sum_partials_kernel`, listed once, in bias_gelu's COMPILE_SPECS.
+# Compile specs: the block's calls at every GPT-2 width, forward and backward: layer_norm (norm1,
+# the final norm) and add_layer_norm (the residual add + norm2), x (B, T, C) with fp32 weight and
+# bias in the dtypes the model trains in; tools/compile_check.py compiles what they launch (the
+# dW/dB column sum included).
 # ----------------------------------------------------------------------------------------------
-_WIDTHS = [2**k for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_N)) + 1)]
+def _spec_call(C: int, dtype, param_dtype, residual: bool):
+    def call():
+        x, r = (torch.empty(1, GPT2_CONTEXT, C, dtype=dtype, requires_grad=True) for _ in range(2))  # (B, T, C)
+        w, b = (torch.empty(C, dtype=param_dtype, requires_grad=True) for _ in range(2))
+        if residual:
+            h, y = add_layer_norm(x, r, w, b)
+            torch.autograd.backward([h, y], [torch.empty_like(h), torch.empty_like(y)])
+        else:
+            backward_of(layer_norm(x, w, b))
+
+    return call
+
 
 COMPILE_SPECS = [
-    spec
-    for has_residual, op in ((False, _OP), (True, _ADD_OP))
-    for ty in ("fp32", "fp16", "bf16")
-    for spec in (
-        CompileSpec(
-            name=f"{op}.fwd.{ty}",
-            kernel=_layer_norm_fwd_kernel,
-            signature={
-                "X": f"*{ty}", "R": f"*{ty}", "W": "*fp32", "B": "*fp32", "H": f"*{ty}", "Y": f"*{ty}",
-                "MEAN": "*fp32", "RSTD": "*fp32", "stride_x_row": "i32", "stride_r_row": "i32", "N": "i32",
-                "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
-            },
-            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
-        ),
-        CompileSpec(
-            name=f"{op}.bwd.{ty}",
-            kernel=_layer_norm_bwd_kernel,
-            signature={
-                "X": f"*{ty}", "W": "*fp32", "DY": f"*{ty}", "DH": f"*{ty}", "DX": f"*{ty}", "MEAN": "*fp32",
-                "RSTD": "*fp32", "PARTIAL": "*fp32", "stride_x_row": "i32", "stride_dy_row": "i32",
-                "stride_dh_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
-                "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
-            },
-            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
-        ),
-    )
+    CompileSpec(f"{op}.train.{DTYPE_NAMES[dt]}.{preset}", _spec_call(C, dt, pdt, op == _ADD_OP),
+                f"{preset}, B x {GPT2_CONTEXT} tokens, x {DTYPE_NAMES[dt]}, weight and bias {DTYPE_NAMES[pdt]}")
+    for op in (_OP, _ADD_OP)
+    for dt, pdt in TRAIN_DTYPES
+    for preset, (C, _) in GPT2_PRESETS.items()
 ]

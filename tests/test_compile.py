@@ -1,50 +1,82 @@
-"""Every kernel compiles for sm_80 and sm_90 within the GPU's limits, checked without a GPU.
+"""Every kernel compiles for sm_80 and sm_90 as the JIT would launch it at GPT-2's shapes, checked
+without a GPU.
 
-The compile check (kernels/compile_check.py) lowers each CompileSpec configuration to a cubin with
-the ptxas in Triton's wheel and reads registers, spills and shared memory from it. Here:
+The compile check (tools/compile_check.py) runs each lesson's COMPILE_SPECS calls on CPU tensors
+with Triton's launch intercepted, specialises every launch with Triton's own binder, lowers it to
+a cubin with the ptxas in Triton's wheel, and reads registers, spills, shared memory and the
+instruction mix. Here:
 
-* every kernel module exists and lists COMPILE_SPECS (a missing one fails, it is not skipped);
-* every spec, on both targets, compiles with no spills and within shared memory and registers:
-  each spec's FIRST configuration (the launcher's default) in CI, every configuration with
-  COMPILE_CHECK_FULL=1 (the whole matrix is ~480 compiles, 15+ minutes on 2 cores from a cold
-  Triton cache; `python scripts/compile_report.py` runs it too, with a table);
-* the check's own logic (cuobjdump parsing, the limits, signature validation, a missing module
-  reported rather than crashing) on small fabricated inputs.
+* the plan (no compiles): every lesson lists COMPILE_SPECS, every `*_kernel` it defines is launched
+  by one of them, and the launches carry the JIT's specialisation (unit strides folded to the
+  constant 1, sequence lengths divisible by 16 marked so at T = 1024 and not at a 7-token prompt);
+* each lesson's first spec (bf16 training at gpt2-124M's shapes; of an autotuned launch its first
+  config), on both targets, compiles with no spills, within shared memory and registers (every
+  spec and config with COMPILE_CHECK_FULL=1, or `python scripts/compile_report.py`);
+* the check's own logic (cuobjdump parsing, the limits, residency, instruction counts) on small
+  fabricated inputs.
 """
 
 import os
-import types
 
 import pytest
 
-from kernels.compile_check import (
-    KERNEL_MODULES,
+from tools.compile_check import (
+    PTX_PATTERNS,
     TARGETS,
-    _checked_signature,
+    count_instructions,
     judge,
+    kernel_modules,
+    list_variants,
     parse_resource_usage,
+    residency,
     run_check,
+    tensor_core_verdict,
 )
 
 FULL = os.environ.get("COMPILE_CHECK_FULL", "0") == "1"
 
 
 @pytest.fixture(scope="module")
+def plan():
+    return list_variants()
+
+
+@pytest.fixture(scope="module")
 def report():
-    # 2 workers: this project's CI machine has 2 cores. 120 s per compile: a healthy kernel takes
+    # 2 workers: this project's CI machine has 2 cores. 300 s per compile: a healthy kernel takes
     # seconds; one that spills kilobytes of registers keeps ptxas busy for minutes, and fails anyway.
-    return run_check(workers=2, first_config_only=not FULL, timeout=120)
+    # In CI: each lesson's first spec, and of each autotuned launch the autotuner's first config.
+    return run_check(workers=2, first_spec_only=not FULL, timeout=300,
+                     env=None if FULL else {"GPT_TRITON_MAX_CONFIGS": "1"})
 
 
-def test_every_kernel_module_contributes_specs(report):
-    problems = {m: n for m, n in report.modules.items() if not n}
-    assert set(report.modules) == set(KERNEL_MODULES)
-    assert not problems, "kernel modules without COMPILE_SPECS: " + "; ".join(
-        f"{r.kernel}: {r.status} {r.error}" for r in report.results if r.kernel in problems
-    )
+@pytest.mark.slow
+def test_every_lesson_lists_specs_that_launch_every_kernel(plan):
+    assert set(plan["counts"]) == set(kernel_modules())
+    assert not plan["problems"], "\n".join(f"{r.status} {r.module} {r.kernel}: {r.error}" for r in plan["problems"])
+    for module in kernel_modules():
+        assert {v["target"] for v in plan["variants"] if v["module"] == module} == set(TARGETS), module
 
 
-@pytest.mark.parametrize("module", KERNEL_MODULES)
+@pytest.mark.slow
+def test_launches_carry_the_jits_specialisation(plan):
+    fwd = [v for v in plan["variants"] if v["kernel"] == "_flash_attention_fwd_kernel" and v["dtype"] == "bf16"]
+    train = [v for v in fwd if any(".train." in s for s in v["specs"])]
+    prefill = [v for v in fwd if any(".prefill." in s for s in v["specs"])]
+    assert train and prefill
+    for v in train + prefill:
+        assert v["specialisation"]["stride_qd"] == "=1"  # the head dim is contiguous: the constant 1
+        assert v["specialisation"]["stride_qt"] == "i32:16"  # 3 * C, a multiple of 16
+    assert all(v["specialisation"]["Tq"] == "i32:16" for v in train)  # T = 1024
+    assert all(v["specialisation"]["Tq"] == "i32" for v in prefill)  # T = 7
+    # GPT-2's head dims and the padded ones are all compiled
+    assert {int(v["config"].split("HEAD_DIM=")[1].split()[0]) for v in train} == {64, 80, 96, 128}
+    # the 124M and 355M calls specialise alike (every int a multiple of 16): one variant, both listed
+    assert any({".gpt2-124M", ".gpt2-355M"} <= {s[s.rindex("."):] for s in v["specs"]} for v in train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", kernel_modules())
 def test_compiles_within_limits(report, module):
     mine = [r for r in report.results if r.module == module]
     assert mine, f"no compile results for {module}"
@@ -53,6 +85,9 @@ def test_compiles_within_limits(report, module):
     assert not failures, f"{len(failures)} of {len(mine)} failed:\n" + "\n".join(
         f"  {r.kernel} [{r.config}] {r.target}: {r.status} {r.error}" for r in failures
     )
+    for r in mine:
+        assert r.registers > 0 and r.blocks_per_sm >= 1 and r.warps_per_sm == r.blocks_per_sm * r.num_warps
+        assert r.ptx["ld_global"] > 0, (r.kernel, "a kernel that loads nothing?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,26 +123,37 @@ def test_judge_limits():
     assert "per SM" in judge({**clean, "REG": 200}, 0, 16, "sm_90")[3][0]
 
 
-def test_signature_validation():
-    fn = types.SimpleNamespace(arg_names=["X", "stride", "N", "BLOCK"])
-    sig = {"X": "*fp16", "stride": "i32:16", "N": "i32", "BLOCK": "constexpr"}
-    types_, divisible = _checked_signature(fn, sig, {"BLOCK": 64})
-    assert types_ == {"X": "*fp16", "stride": "i32", "N": "i32", "BLOCK": "constexpr"}
-    assert divisible == [0, 1]  # the pointer (assumed aligned) and the int declared ":16"
-    types_, divisible = _checked_signature(fn, sig, {"BLOCK": 64, "stride": 1})  # pinned to 1, as a launch does
-    assert types_["stride"] == "constexpr" and divisible == [0]
-    with pytest.raises(ValueError, match="missing"):
-        _checked_signature(fn, {"X": "*fp16", "BLOCK": "constexpr"}, {"BLOCK": 64})
-    with pytest.raises(ValueError, match="without a value"):
-        _checked_signature(fn, sig, {})
-    with pytest.raises(ValueError, match="pinned to 1"):
-        _checked_signature(fn, sig, {"BLOCK": 64, "N": 7})
-    with pytest.raises(ValueError, match="suffix"):
-        _checked_signature(fn, {**sig, "N": "i32:8"}, {"BLOCK": 64})
+def test_residency_as_the_fused_softmax_tutorial_counts_it():
+    # 128 regs x 32 x 8 warps = 32K: 2 blocks by registers; 40 KB of smem would allow 5 on sm_90
+    assert residency(128, 40_000, 8, "sm_90") == (2, "registers")
+    # 32 regs x 4 warps: registers allow 16 blocks, warps 16 too, 100 KB of smem only 2 (sm_90), 1 (sm_80)
+    assert residency(32, 100_000, 4, "sm_90") == (2, "shared")
+    assert residency(32, 100_000, 4, "sm_80") == (1, "shared")
+    assert residency(16, 0, 2, "sm_90") == (32, "warps")  # 64 warps / 2 = 32 = the block limit too
 
 
-def test_a_missing_module_is_reported_not_raised():
+def test_instruction_counts_and_tensor_core_verdict():
+    ptx = """
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};
+    cp.async.cg.shared.global [ %r3 + 0 ], [ %rd4 + 0 ], 0x10, %r5;
+    ld.global.v4.b32 { %r6, %r7, %r8, %r9 }, [ %rd1 + 0 ];
+    @%p1 ld.global.L1::evict_last.v2.b32 { %r1, %r2 }, [ %rd2 + 0 ];
+    ld.global.b32 %r10, [ %rd3 + 0 ];
+    """
+    counts = count_instructions(ptx, PTX_PATTERNS)
+    assert (counts["mma"], counts["wgmma"], counts["cp_async"], counts["tma"]) == (1, 0, 1, 0)
+    assert (counts["ld_global"], counts["ld_global_v4"], counts["ld_global_v2"]) == (3, 1, 1)
+    assert tensor_core_verdict("%0 = tt.dot %a, %b", counts, "sm_80") == ("mma", "")
+    assert tensor_core_verdict("%0 = tt.dot %a, %b", counts, "sm_90")[0] == "mma"  # but not wgmma: noted
+    assert tensor_core_verdict("tt.load", counts, "sm_90")[0] == ""  # no dot at all
+    none = dict(counts, mma=0)
+    fp32 = "%2 = tt.dot %0, %1, %c, inputPrecision = ieee : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32>"
+    assert tensor_core_verdict(fp32, none, "sm_90") == ("none", tensor_core_verdict(fp32, none, "sm_80")[1])
+    assert "ieee" in tensor_core_verdict(fp32, none, "sm_90")[1]
+
+
+def test_a_broken_module_is_reported_not_raised(tmp_path):
     rep = run_check(modules=("no_such_kernel",), workers=1)
     assert rep.modules == {"no_such_kernel": None}
     [row] = rep.failures
-    assert row.status == "MISSING" and "no_such_kernel.py" in row.error
+    assert row.status == "IMPORT ERROR" and "no_such_kernel" in row.error
