@@ -383,7 +383,8 @@ def test_non_utf8_data_and_a_corrupted_checkpoint_are_named_in_one_line(tmp_path
 
 def test_context_length_one_trains_and_samples(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.txt", repeats=2)
-    assert run_main([*MICRO, "--context-length", "1", "--data", corpus, "--steps", "2", "--out", tmp_path / "r"]) is None
+    args = [*MICRO, "--context-length", "1", "--data", corpus, "--steps", "2", "--out", tmp_path / "r"]
+    assert run_main(args) is None
     assert "sample (step 2): 'Every effort moves you" in capsys.readouterr().out  # a bigram model's continuation
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
 
