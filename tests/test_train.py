@@ -473,3 +473,18 @@ def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(straight_signa
     assert [r["step"] for r in resumed] == list(range(1, 31))
     for a, b in zip(straight, resumed):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6, abs=1e-6), a["step"]
+
+
+def test_help_gives_every_flag_a_help_and_its_default():
+    import argparse
+
+    parser = train_cli.build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        text = train_cli.HelpFormatter("train.py")._get_help_string(action)
+        switch = action.nargs == 0
+        assert switch or "default" in text, (action.option_strings, text)
+    assert {"--steps", "--resume", "--overwrite", "--fused", "--sample-temperature"} <= {
+        s for a in parser._actions for s in a.option_strings}
