@@ -176,10 +176,10 @@ class PretrainJob:
         return batch[0].numel()
 
     def evaluate(self, model, device, autocast) -> dict[str, float]:
-        return {
-            "eval_train_loss": estimate_loss(model, self.train_ds, self.batch_size, self.eval_batches, device, autocast),
-            "val_loss": estimate_loss(model, self.val_ds, self.batch_size, self.eval_batches, device, autocast),
-        }
+        def on(ds):
+            return estimate_loss(model, ds, self.batch_size, self.eval_batches, device, autocast)
+
+        return {"eval_train_loss": on(self.train_ds), "val_loss": on(self.val_ds)}
 
     def sample(self, model, device) -> str:
         return sample_text(model, self.pc.sample_prompt, self.pc.sample_tokens, device,

@@ -107,3 +107,10 @@ def test_validation_documents_are_held_out_throughout_the_corpus():
     held = [i for i in range(40) if f"Document {i} talks" in text]
     assert held and min(held) < 10 and max(held) >= 30  # spread from the start to the end, not a tail
     assert not any(f"Document {i} talks" in decode(train) for i in held)  # whole documents
+
+
+def test_fused_with_dropout_is_left_to_the_model(tmp_path):
+    """The training config no longer refuses --fused with dropout: the model's kernels decide."""
+    pc = PretrainConfig(data=str(corpus(tmp_path)), context_length=16, fused=True, dropout=0.1)
+    job, p = plan(pc, RunConfig(device="cpu", steps=2, out=str(tmp_path / "r")))
+    assert job.cfg.drop_rate == 0.1 and p.out == tmp_path / "r"

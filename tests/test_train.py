@@ -383,7 +383,8 @@ def test_non_utf8_data_and_a_corrupted_checkpoint_are_named_in_one_line(tmp_path
 
 def test_context_length_one_trains_and_samples(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c.txt", repeats=2)
-    assert run_main([*MICRO, "--context-length", "1", "--data", corpus, "--steps", "2", "--out", tmp_path / "r"]) is None
+    args = [*MICRO, "--context-length", "1", "--data", corpus, "--steps", "2", "--out", tmp_path / "r"]
+    assert run_main(args) is None
     assert "sample (step 2): 'Every effort moves you" in capsys.readouterr().out  # a bigram model's continuation
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
 
@@ -435,14 +436,24 @@ def _wait_for_rows(path: Path, n: int, proc, timeout: float = 600) -> None:
     raise AssertionError(f"no {n} rows in {path} after {timeout} s")
 
 
+SIGNAL_RUN = [*MICRO, "--batch-size", "3", "--steps", "30", "--dropout", "0.1", "--eval-every", "0", "--lr", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def straight_signal_run(tmp_path_factory):
+    """The uninterrupted run the signalled ones are compared with (shared by both signals)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    corpus = write_corpus(tmp / "c.txt", repeats=8)
+    assert run_main([*SIGNAL_RUN, "--data", corpus, "--out", tmp / "run"]) is None
+    return {"corpus": corpus, "rows": rows(tmp / "run")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, sig, status):
+def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(straight_signal_run, tmp_path, sig, status):
     import signal
 
-    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
-    common = [*MICRO, "--batch-size", "3", "--data", corpus, "--steps", "60", "--dropout", "0.1",
-              "--eval-every", "0", "--lr", "2e-3"]
+    common = [*SIGNAL_RUN, "--data", straight_signal_run["corpus"]]
     split = tmp_path / "split"
     proc = subprocess.Popen([sys.executable, "scripts/train.py", *map(str, common), "--out", str(split)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -455,11 +466,25 @@ def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, sig,
     assert proc.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and "--resume" in stdout, (stdout, stderr)
     stopped = torch.load(split / "checkpoint.pt", weights_only=True)["step"]
-    assert 2 <= stopped < 60 and [r["step"] for r in rows(split)] == list(range(1, stopped + 1))
+    assert 2 <= stopped < 30 and [r["step"] for r in rows(split)] == list(range(1, stopped + 1))
 
     assert run_main([*common, "--out", split, "--resume"]) is None
-    assert run_main([*common, "--out", tmp_path / "straight"]) is None
-    straight, resumed = rows(tmp_path / "straight"), rows(split)
-    assert [r["step"] for r in resumed] == list(range(1, 61))
+    straight, resumed = straight_signal_run["rows"], rows(split)
+    assert [r["step"] for r in resumed] == list(range(1, 31))
     for a, b in zip(straight, resumed):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6, abs=1e-6), a["step"]
+
+
+def test_help_gives_every_flag_a_help_and_its_default():
+    import argparse
+
+    parser = train_cli.build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        text = train_cli.HelpFormatter("train.py")._get_help_string(action)
+        switch = action.nargs == 0
+        assert switch or "default" in text, (action.option_strings, text)
+    assert {"--steps", "--resume", "--overwrite", "--fused", "--sample-temperature"} <= {
+        s for a in parser._actions for s in a.option_strings}

@@ -35,7 +35,8 @@ A script uses it in three calls:
     result = fit(plan, job, model)                      # {"model", "rows", "step", "metrics"}
 
 Files: config.py (RunConfig and its flags), schedule.py (lr_at, param_groups), order.py (data
-order), run_files.py (checkpoint, metrics, plot, RNG states), plan.py (the checks: prepare -> Plan), loop.py (fit).
+order), run_files.py (checkpoint, metrics, plot, RNG states), plan.py (the checks: prepare -> Plan),
+job.py (the Job contract), loop.py (fit).
 """
 
 from model.engine.config import HelpFormatter, RunConfig, add_run_arguments, flag
