@@ -147,9 +147,12 @@ def test_instruction_counts_and_tensor_core_verdict():
     assert tensor_core_verdict("%0 = tt.dot %a, %b", counts, "sm_90")[0] == "mma"  # but not wgmma: noted
     assert tensor_core_verdict("tt.load", counts, "sm_90")[0] == ""  # no dot at all
     none = dict(counts, mma=0)
-    fp32 = "%2 = tt.dot %0, %1, %c, inputPrecision = ieee : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32>"
+    # as Triton 3.9 prints an fp32 dot with input_precision="ieee": no inputPrecision attribute
+    fp32 = "%c_12 = tt.dot %a_7, %b_11, %c : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32> loc(#loc15)"
     assert tensor_core_verdict(fp32, none, "sm_90") == ("none", tensor_core_verdict(fp32, none, "sm_80")[1])
     assert "ieee" in tensor_core_verdict(fp32, none, "sm_90")[1]
+    tf32 = fp32.replace("%c :", "%c, inputPrecision = tf32 :")
+    assert "ieee" not in tensor_core_verdict(tf32, none, "sm_90")[1]
 
 
 def test_a_broken_module_is_reported_not_raised(tmp_path):
