@@ -453,9 +453,8 @@ def main(argv=None) -> int:
         bench_parts = [("all", 1.0, ["bench/"])] if args.full else BENCH_PARTS
         for name, share, sel in bench_parts:
             part_json = out / f".bench-{name}.json"
-            extra = [] if cuda else ["--benchmark-disable"]
             rc, secs = session.run(f"bench {name}", pytest + [*sel, "--benchmark-only", "--benchmark-json",
-                                                             str(part_json), *extra], out / "bench.log", share, append=True)
+                                                             str(part_json)], out / "bench.log", share, append=True)
             session.record(f"bench {name}", rc, secs)
             parts.append(part_json)
     benches = merge_bench_json(parts, out / "bench.json")

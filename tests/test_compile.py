@@ -160,3 +160,17 @@ def test_a_broken_module_is_reported_not_raised(tmp_path):
     assert rep.modules == {"no_such_kernel": None}
     [row] = rep.failures
     assert row.status == "IMPORT ERROR" and "no_such_kernel" in row.error
+
+
+@pytest.mark.slow
+def test_budget_mode_keeps_the_first_config_of_each_autotuned_launch(plan):
+    spec = "flash_attention.train.bf16.d64.gpt2-124M"
+
+    def fwd_configs(variants):
+        return [v["config"] for v in variants if v["kernel"] == "_flash_attention_fwd_kernel"
+                and spec in v["specs"] and v["target"] == "sm_90"]
+
+    everything = fwd_configs(plan["variants"])
+    assert len(everything) > 1  # the autotuner has several configs to choose from here
+    budget = fwd_configs(list_variants(kernel=spec, env={"GPT_TRITON_MAX_CONFIGS": "1"})["variants"])
+    assert budget == everything[:1]
