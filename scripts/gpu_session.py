@@ -338,6 +338,12 @@ def judge(benches: list[dict], ceilings: dict) -> list[tuple]:
                      _frac(e.get("model_tflops"), mm_tflops), verdict(e.get("vs_torch", 0) > 1.0)))
     else:
         rows.append(("training step gpt2-124M bf16: fused faster than PyTorch", "-", "-", verdict(None)))
+    for impl, e in sorted(train.items()):
+        if impl != "fused":
+            rows.append((f"training step gpt2-124M, {impl} ({e.get('dtype')})",
+                         f"{_fmt(e.get('tokens_per_s'))} tokens/s, step {_fmt(e.get('step_ms'))} ms"
+                         + (f", {_fmt(e.get('vs_torch'))}x PyTorch" if "vs_torch" in e else ""),
+                         _frac(e.get("model_tflops"), mm_tflops), "(figure)"))
     gen = [e for e in info if "decode" in e and e.get("batch") == 1]
     graph = next((e for e in gen if e.get("impl") == "fused" and e.get("decode") == "cuda_graph"), None)
     for e in sorted(gen, key=lambda e: (e.get("impl", ""), e.get("decode", ""))):
@@ -362,7 +368,7 @@ def write_report(path: Path, benches: list[dict], ceilings: dict, session: Sessi
     rows = judge(benches, ceilings)
     lines = [f"# GPU session report ({mode})", "",
              f"Ceilings measured in this run: device-to-device copy {_fmt(ceilings.get('copy_gbs'), 4)} GB/s "
-             f"(bytes read + written), bf16 {ceilings.get('matmul_n', 8192)}^3 matmul "
+             f"(bytes read + written), {ceilings.get('matmul_dtype', 'bf16')} {ceilings.get('matmul_n', 8192)}^3 matmul "
              f"{_fmt(ceilings.get('matmul_bf16_tflops'), 4)} TFLOP/s. \"of ceiling\": a TFLOP/s figure over the matmul's, "
              "a GB/s figure over the copy's. Ratios are against baselines timed in the same run (> 1: ours is faster).", "",
              "| target | measured | of ceiling | verdict |", "| --- | --- | --- | --- |"]
