@@ -147,9 +147,12 @@ def test_instruction_counts_and_tensor_core_verdict():
     assert tensor_core_verdict("%0 = tt.dot %a, %b", counts, "sm_90")[0] == "mma"  # but not wgmma: noted
     assert tensor_core_verdict("tt.load", counts, "sm_90")[0] == ""  # no dot at all
     none = dict(counts, mma=0)
-    fp32 = "%2 = tt.dot %0, %1, %c, inputPrecision = ieee : tensor<16x64xf32> * tensor<64x16xf32> -> tensor<16x16xf32>"
+    # as Triton 3.9 prints an fp32 dot with input_precision="ieee": no inputPrecision attribute
+    fp32 = "%c_12 = tt.dot %a_7, %b_11, %c : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32> loc(#loc15)"
     assert tensor_core_verdict(fp32, none, "sm_90") == ("none", tensor_core_verdict(fp32, none, "sm_80")[1])
     assert "ieee" in tensor_core_verdict(fp32, none, "sm_90")[1]
+    tf32 = fp32.replace("%c :", "%c, inputPrecision = tf32 :")
+    assert "ieee" not in tensor_core_verdict(tf32, none, "sm_90")[1]
 
 
 def test_a_broken_module_is_reported_not_raised(tmp_path):
@@ -157,3 +160,17 @@ def test_a_broken_module_is_reported_not_raised(tmp_path):
     assert rep.modules == {"no_such_kernel": None}
     [row] = rep.failures
     assert row.status == "IMPORT ERROR" and "no_such_kernel" in row.error
+
+
+@pytest.mark.slow
+def test_budget_mode_keeps_the_first_config_of_each_autotuned_launch(plan):
+    spec = "flash_attention.train.bf16.d64.gpt2-124M"
+
+    def fwd_configs(variants):
+        return [v["config"] for v in variants if v["kernel"] == "_flash_attention_fwd_kernel"
+                and spec in v["specs"] and v["target"] == "sm_90"]
+
+    everything = fwd_configs(plan["variants"])
+    assert len(everything) > 1  # the autotuner has several configs to choose from here
+    budget = fwd_configs(list_variants(kernel=spec, env={"GPT_TRITON_MAX_CONFIGS": "1"})["variants"])
+    assert budget == everything[:1]

@@ -13,7 +13,7 @@ gs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gs)
 
 
-def _row(kernel, config, secs, target="sm_90", specs=("flash_attention.train.bf16.d64",), dtype="bf16"):
+def _row(kernel, config, secs, target="sm_90", specs=("flash_attention.train.bf16.d64.gpt2-124M",), dtype="bf16"):
     return {"kernel": kernel, "config": config, "target": target, "dtype": dtype, "specs": list(specs),
             "specialisation": {"Tq": "i32:16"}, "compile_s": secs}
 
@@ -33,14 +33,29 @@ def test_compile_estimate_keeps_the_first_configs_of_each_launch():
     assert gs.compile_estimate(REPORT, None) == (5, 86.0)
     assert gs.compile_estimate(REPORT, 2) == (4, 46.0)
     assert gs.compile_estimate(REPORT, 1) == (3, 26.0)
+    fp32 = {**REPORT, "results": REPORT["results"] + [_row("_fwd", "HEAD_DIM=64 BLOCK_M=16 w8 s2", 50.0, dtype="fp32",
+                                                           specs=("flash_attention.train.fp32.d64.gpt2-124M",))]}
+    assert gs.compile_estimate(fp32, None)[0] == 5  # fp32 is not benched: not in the budget run's estimate
+    assert gs.compile_estimate(fp32, None, select=None)[0] == 6
+
+
+def test_benched_specs_are_the_budget_runs_shapes():
+    assert gs.benched("flash_attention.train.bf16.d64.gpt2-124M")
+    assert gs.benched("flash_attention.prefill.bf16.d64")
+    assert gs.benched("decode_attention.step.bf16.gpt2-124M.b1.tq1")
+    assert gs.benched("layer_norm.train.bf16.gpt2-124M")
+    assert not gs.benched("flash_attention.train.bf16.d80.1280-wide/16 heads")
+    assert not gs.benched("decode_attention.step.bf16.gpt2-124M.b8.tq1")
+    assert not gs.benched("bias_gelu.train.fp32.gpt2-124M")
 
 
 def test_pruning_picks_the_most_configs_that_fit():
-    # COMPILE_SHARE of the budget: 0.35 * 300 = 105 s fits everything, 0.35 * 200 = 70 s two configs
-    assert gs.choose_max_configs(300, REPORT)[0] is None
-    assert gs.choose_max_configs(200, REPORT)[0] == 2
-    assert gs.choose_max_configs(100, REPORT)[0] == 1
-    n, lines = gs.choose_max_configs(50, REPORT)  # not even one fits: one, and it says so
+    # COMPILE_SHARE of the budget: 0.2 * 500 = 100 s fits everything, 0.2 * 300 = 60 s two configs
+    assert gs.COMPILE_SHARE == 0.2
+    assert gs.choose_max_configs(500, REPORT)[0] is None
+    assert gs.choose_max_configs(300, REPORT)[0] == 2
+    assert gs.choose_max_configs(150, REPORT)[0] == 1
+    n, lines = gs.choose_max_configs(100, REPORT)  # not even one fits: one, and it says so
     assert n == 1 and any("does not fit" in ln for ln in lines)
     assert gs.choose_max_configs(300, None)[0] == 1  # no report: the safe choice
 

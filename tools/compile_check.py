@@ -430,8 +430,11 @@ def tensor_core_verdict(ttir: str, ptx: dict, target_name: str) -> tuple[str, st
     if ptx["mma"]:
         note = "" if target_name == "sm_80" else "mma.sync (Ampere MMA), not wgmma"
         return "mma", note
+    # Triton 3.9 prints input_precision="ieee" (the default for fp32 operands it is asked for) as no
+    # attribute at all, and "tf32"/"tf32x3" as `inputPrecision = ...`.
     dots = re.findall(r"tt\.dot .*", ttir)
-    if dots and all("ieee" in d for d in dots) and all("f32>" in d.split("->")[0] for d in dots):
+    ieee = [d for d in dots if "inputPrecision" not in d or "ieee" in d]
+    if dots and len(ieee) == len(dots) and all("xf32> *" in d.split("->")[0] for d in dots):
         return "none", "fp32 dots with input_precision='ieee' are FMA loops (exact fp32, no TF32) by design"
     return "none", "tt.dot lowered to FMA, not tensor cores"
 
