@@ -224,18 +224,20 @@ def _check_inputs(logits, target, ignore_index, reduction):
     _check_target(target, logits.shape[0], _OP)
 
 
-def _reduce(loss_rows, n_valid, reduction, dtype):
-    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, in `dtype`."""
+def _reduce(loss_rows, n_valid, reduction):
+    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, kept in fp32
+    whatever the logits' dtype: the kernel accumulates in fp32, and rounding a loss near 10 to bf16
+    would cost it 0.03-0.06 (autocast, too, runs cross-entropy in fp32)."""
     if reduction == "none":
-        return loss_rows.to(dtype)
+        return loss_rows
     total = loss_rows.sum()  # fp32
     if reduction == "mean":
         total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
-    return total.to(dtype)
+    return total
 
 
 def _fake_loss(t, reduction):
-    return t.new_empty(t.shape[:1] if reduction == "none" else ())
+    return t.new_empty(t.shape[:1] if reduction == "none" else (), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad,
     target, n_valid = _checked_target(target, logits.shape[1], ignore_index, _OP)
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
-    return _reduce(loss_rows, n_valid, reduction, logits.dtype), grad
+    return _reduce(loss_rows, n_valid, reduction), grad
 
 
 @_cross_entropy_fwd_op.register_fake
@@ -264,7 +266,7 @@ def _(logits, target, ignore_index, reduction, compute_grad, max_block_v):
 
 
 def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
-    """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
+    """The reduced loss (fp32) and, if compute_grad, d loss / d logits for grad_output = 1."""
     _check_inputs(logits, target, ignore_index, reduction)
     return _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v)
 
@@ -295,7 +297,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
-            grad = grad * grad_output.unsqueeze(1)  # (N, V) * (N, 1)
+            # (N, V) * (N, 1): the fp32 row weights would promote the product to fp32; written into a
+            # buffer of the gradient's dtype instead, computed in fp32 and rounded once.
+            grad = torch.mul(grad, grad_output.unsqueeze(1), out=torch.empty_like(grad))
         else:
             (grad,) = _times_grad_output(grad_output, grad)
         return grad, None, None, None, None
@@ -303,8 +307,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean"):
     """F.cross_entropy(logits, target, ignore_index=..., reduction=...) for (N, V) logits and (N,)
-    int64/int32 targets, fused: the gradient is written during the forward pass. The loss has the
-    logits' dtype (accumulation is fp32). Rows with target == ignore_index add 0 loss and 0 gradient;
+    int64/int32 targets, fused: the gradient is written during the forward pass. The loss is fp32
+    for every logits dtype (the kernel accumulates in fp32; autocast's F.cross_entropy is fp32 too);
+    the gradient has the logits' dtype. Rows with target == ignore_index add 0 loss and 0 gradient;
     "mean" averages over the other rows and is 0 when there are none."""
     if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
         return CrossEntropyFunction.apply(logits, target, ignore_index, reduction)
@@ -403,7 +408,7 @@ def _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chu
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
     loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
-    return _reduce(loss_rows, n_valid, reduction, x.dtype), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+    return _reduce(loss_rows, n_valid, reduction), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
 
 
 @_linear_cross_entropy_fwd_op.register_fake

@@ -125,24 +125,27 @@ def test_no_rows():
     assert torch.equal(bias.grad, torch.zeros(64))
 
 
+# Each case builds its tensors inside the test (a lambda), on the test's device: built at collection
+# time they would be CPU tensors, and on a GPU the device check would fire before the check under test.
 @pytest.mark.parametrize(
-    "x, bias, error, match",
+    "make, error, match",
     [
-        (torch.randn(4, 8), torch.randn(9), ValueError, r"bias has shape \(9,\), expected \(8,\)"),
-        (torch.randn(4, 8), torch.randn(1, 8), ValueError, "bias must be 1-D"),
-        (torch.randn(4, 8), torch.randn(4, 8), ValueError, "bias must be 1-D"),
-        (torch.randn(()), torch.randn(1), ValueError, "at least one dimension"),
-        (torch.randn(4, 0), torch.randn(0), ValueError, "empty last dimension"),
-        (torch.ones(4, 8, dtype=torch.int32), torch.randn(8), TypeError, "x has dtype torch.int32"),
-        (torch.randn(4, 8), torch.randn(8, dtype=torch.float64), TypeError, "bias has dtype torch.float64"),
-        (torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16), TypeError, "float32 or x's"),
-        (torch.randn(4, 8), torch.randn(8, device="meta"), ValueError, "one device"),
-        (torch.randn(4, 8), [0.0] * 8, TypeError, "must be tensors"),
+        (lambda: (torch.randn(4, 8), torch.randn(9)), ValueError, r"bias has shape \(9,\), expected \(8,\)"),
+        (lambda: (torch.randn(4, 8), torch.randn(1, 8)), ValueError, "bias must be 1-D"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8)), ValueError, "bias must be 1-D"),
+        (lambda: (torch.randn(()), torch.randn(1)), ValueError, "at least one dimension"),
+        (lambda: (torch.randn(4, 0), torch.randn(0)), ValueError, "empty last dimension"),
+        (lambda: (torch.ones(4, 8, dtype=torch.int32), torch.randn(8)), TypeError, "x has dtype torch.int32"),
+        (lambda: (torch.randn(4, 8), torch.randn(8, dtype=torch.float64)), TypeError, "bias has dtype torch.float64"),
+        (lambda: (torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16)), TypeError,
+         "float32 or x's"),
+        (lambda: (torch.randn(4, 8), torch.randn(8, device="meta")), ValueError, "one device"),
+        (lambda: (torch.randn(4, 8), [0.0] * 8), TypeError, "must be tensors"),
     ],
 )
-def test_bad_input(x, bias, error, match):
+def test_bad_input(make, error, match):
     with pytest.raises(error, match=match):
-        bias_gelu(x, bias)
+        bias_gelu(*make())
 
 
 def test_compile_specs_cover_every_launch():

@@ -42,35 +42,39 @@ def make_inputs(N, V, dtype, n_ignored=0, magnitude=1.0, ignore_index=-100, seed
     return logits, target
 
 
-def grad_output_for(reduction, N, dtype, seed=1):
-    """1 for "mean" (the loss.backward() path that hands the buffer on), 0.75 for "sum" (the path that
-    multiplies), random per-row weights for "none". All exact in bf16, so every side sees the same."""
+def grad_output_for(reduction, N, seed=1):
+    """The loss's gradient (fp32, as the loss): 1 for "mean" (the loss.backward() path that hands the
+    buffer on), 0.75 for "sum" (the path that multiplies), random per-row weights for "none", rounded
+    to bf16 values so that every side of a comparison sees the same weights."""
     if reduction == "mean":
-        return torch.tensor(1.0, dtype=dtype)
+        return torch.tensor(1.0)
     if reduction == "sum":
-        return torch.tensor(0.75, dtype=dtype)
+        return torch.tensor(0.75)
     g = seeded(seed)
-    return (torch.rand(N, generator=g) + 0.5).to(dtype)
+    return (torch.rand(N, generator=g) + 0.5).to(torch.bfloat16).float()
 
 
 def check_against_reference(logits, target, reduction, ignore_index=-100, max_block_v=ce.MAX_BLOCK_V):
-    """Loss and gradient of the kernel vs float64 book math, with F.cross_entropy in the same dtype as
-    the error to beat. Also: the loss has the logits' dtype, and the logits are unchanged afterwards."""
+    """Loss and gradient of the kernel vs float64 book math, with autocast's F.cross_entropy (fp32 math
+    on the given logits) as the error to beat. Also: the loss is fp32, the gradient has the logits'
+    dtype, and the logits are unchanged afterwards."""
     before = logits.clone()
     x = logits.requires_grad_()
     loss = CrossEntropyFunction.apply(x, target, ignore_index, reduction, max_block_v)
-    go = grad_output_for(reduction, logits.shape[0], logits.dtype)
+    go = grad_output_for(reduction, logits.shape[0])
     (grad,) = torch.autograd.grad(loss, x, go)
 
     xd = logits.detach().double().requires_grad_()
     exact = reference.cross_entropy(xd, target, ignore_index=ignore_index, reduction=reduction)
     (grad_exact,) = torch.autograd.grad(exact, xd, go.double())
 
+    # PyTorch as autocast runs it: F.cross_entropy in fp32 on the 16-bit logits, the gradient cast
+    # back to the logits' dtype. The kernel too accumulates in fp32 and returns an fp32 loss.
     xt = logits.detach().clone().requires_grad_()
-    torch_loss = F.cross_entropy(xt, target, ignore_index=ignore_index, reduction=reduction)
-    (torch_grad,) = torch.autograd.grad(torch_loss, xt, go)
+    torch_loss = F.cross_entropy(xt.float(), target, ignore_index=ignore_index, reduction=reduction)
+    (torch_grad,) = torch.autograd.grad(torch_loss, xt, go.float())
 
-    assert loss.dtype == logits.dtype and grad.dtype == logits.dtype
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
     assert_close_to_reference("loss", loss, exact, torch_loss)
     assert_close_to_reference("grad", grad, grad_exact, torch_grad)
     assert torch.equal(logits.detach(), before), "the logits were modified"
@@ -172,7 +176,7 @@ def test_logits_unchanged_and_backward_repeatable():
     x = logits.requires_grad_()
     for reduction in REDUCTIONS:
         loss = cross_entropy(x, target, reduction=reduction)
-        go = grad_output_for(reduction, 9, torch.float16) * 3  # not 1: the multiplying path
+        go = grad_output_for(reduction, 9) * 3  # not 1: the multiplying path
         (g1,) = torch.autograd.grad(loss, x, go, retain_graph=True)
         (g2,) = torch.autograd.grad(loss, x, go)
         assert torch.equal(g1, g2)
@@ -249,10 +253,10 @@ def test_torch_compile_traces_without_graph_breaks():
     logits, target = make_inputs(N, V, torch.bfloat16, n_ignored=2, seed=10)
     for reduction in REDUCTIONS:
         fn = functools.partial(cross_entropy, target=target, reduction=reduction)
-        assert_compiles_like_eager(fn, (logits,), grad_output_for(reduction, N, torch.bfloat16))
+        assert_compiles_like_eager(fn, (logits,), grad_output_for(reduction, N))
     all_ignored = torch.full((N,), -100)
     fn = functools.partial(cross_entropy, target=all_ignored)
-    assert_compiles_like_eager(fn, (logits,), torch.tensor(1.0, dtype=torch.bfloat16))
+    assert_compiles_like_eager(fn, (logits,), torch.tensor(1.0))
 
     # Without autograd (the op's no-gradient path), and a bad target: the check still runs, at run time.
     compiled = torch.compile(cross_entropy, backend="aot_eager", fullgraph=True)
@@ -299,7 +303,7 @@ def test_linear_cross_entropy_matches_unfused(reduction, dtype):
     # 21 rows in chunks of 8: two full chunks and a ragged one of 5.
     N, C, V = 21, 24, 300
     x, weight, target = make_head_inputs(N, C, V, dtype, n_ignored=4, seed=8)
-    go = grad_output_for(reduction, N, dtype)
+    go = grad_output_for(reduction, N)
 
     xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = linear_cross_entropy(xf, wf, target, reduction=reduction, chunk_size=8)
@@ -309,11 +313,12 @@ def test_linear_cross_entropy_matches_unfused(reduction, dtype):
     exact = reference.cross_entropy(xd @ wd.t(), target, reduction=reduction)
     exact_grads = torch.autograd.grad(exact, (xd, wd), go.double())
 
+    # Unfused as autocast runs it: the head in x's dtype, the loss in fp32 on its logits.
     xt, wt = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    unfused = F.cross_entropy(F.linear(xt, wt), target, reduction=reduction)
-    unfused_grads = torch.autograd.grad(unfused, (xt, wt), go)
+    unfused = F.cross_entropy(F.linear(xt, wt).float(), target, reduction=reduction)
+    unfused_grads = torch.autograd.grad(unfused, (xt, wt), go.float())
 
-    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
     assert_close_to_reference("loss", loss, exact, unfused)
     for name, g, e, u in zip(("grad_x", "grad_w"), grads, exact_grads, unfused_grads):
         assert_close_to_reference(name, g, e, u)
@@ -372,4 +377,4 @@ def test_linear_cross_entropy_compiles():
     x, weight, target = make_head_inputs(N, 16, 50, torch.float32, n_ignored=1, seed=13)
     for reduction in REDUCTIONS:
         fn = functools.partial(linear_cross_entropy, target=target, reduction=reduction, chunk_size=4)
-        assert_compiles_like_eager(fn, (x, weight), grad_output_for(reduction, N, torch.float32))
+        assert_compiles_like_eager(fn, (x, weight), grad_output_for(reduction, N))
