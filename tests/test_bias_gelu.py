@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kernels import reference
 from kernels._common import as_rows
 from kernels.bias_gelu import COMPILE_SPECS, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -49,7 +49,7 @@ def _check(x, bias, dy=None, scale=1.0):
         (2, 5, 3072),  # 3-D, GPT-2 124M's MLP width
     ],
 )
-def test_matches_reference(dtype, shape):
+def test_matches_reference(launch_configs, dtype, shape):
     torch.manual_seed(0)
     _check(torch.randn(shape, dtype=dtype) * 2, torch.randn(shape[-1], dtype=dtype))
 
@@ -82,7 +82,7 @@ def test_extreme_values_are_exact():
     assert torch.equal(dbias, dx[0])
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(launch_configs):
     torch.manual_seed(3)
     wide = torch.randn(9, 1000)
     _check(wide[:, 100:877], torch.randn(777))  # column slice: rows 1000 apart, no copy
@@ -103,7 +103,7 @@ def test_broadcast_gradient():
         assert_close_to_reference(f"bias_gelu {name}", g, e, t)
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(launch_configs):
     """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
     torch.manual_seed(5)
     x, bias, dy = torch.randn(300, 100), torch.randn(100), torch.randn(300, 100)

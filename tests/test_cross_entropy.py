@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -54,7 +54,7 @@ def grad_output_for(reduction, N, seed=1):
     return (torch.rand(N, generator=g) + 0.5).to(torch.bfloat16).float()
 
 
-def check_against_reference(logits, target, reduction, ignore_index=-100, max_block_v=ce.MAX_BLOCK_V):
+def check_against_reference(logits, target, reduction, ignore_index=-100, max_block_v=0):
     """Loss and gradient of the kernel vs float64 book math, with autocast's F.cross_entropy (fp32 math
     on the given logits) as the error to beat. Also: the loss is fp32, the gradient has the logits'
     dtype, and the logits are unchanged afterwards."""
@@ -82,19 +82,20 @@ def check_against_reference(logits, target, reduction, ignore_index=-100, max_bl
 
 
 # (V, N, max_block_v): one chunk (V=5), many ragged chunks on a small vocabulary (1000 = 7 x 128 + 104),
-# the launcher's own choice for 1000 (one chunk of 1024), and GPT-2's vocabulary (12 x 4096 + 1105).
-SHAPES = [(5, 17, 4096), (1000, 9, 128), (1000, 5, 4096), (50257, 3, 4096)]
+# the launcher's own choice (0) for 1000 (one chunk of 1024), and for GPT-2's vocabulary: 12 x 4096 +
+# 1105 with the GPU's configuration, one block of 65,536 holding all 3 rows with the interpreter's.
+SHAPES = [(5, 17, 4096), (1000, 9, 128), (1000, 5, 0), (50257, 3, 0)]
 
 
 @pytest.mark.parametrize("V,N,max_block_v", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(poisoned_empty, V, N, max_block_v, reduction, dtype):
+def test_matches_reference(poisoned_empty, launch_configs, V, N, max_block_v, reduction, dtype):
     logits, target = make_inputs(N, V, dtype, n_ignored=max(1, N // 4), seed=V + N)
     check_against_reference(logits, target, reduction, max_block_v=max_block_v)
 
 
-def test_running_max_rescaling():
+def test_running_max_rescaling(launch_configs):
     # A rising ramp makes every chunk raise the running max, so the rescale d * exp(m - m') is taken
     # at every step; a flat-then-spike row puts the whole mass in the last, ragged chunk; a row that
     # starts with -inf logits has no finite max for two chunks.
@@ -123,7 +124,7 @@ def test_large_magnitude_logits(dtype):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_all_rows_ignored(poisoned_empty, reduction, dtype):
+def test_all_rows_ignored(poisoned_empty, launch_configs, reduction, dtype):
     for N in (5, 0):  # no rows at all counts as every row ignored: 0, not 0/0
         logits, target = make_inputs(N, 131, dtype, n_ignored=N, ignore_index=-1)
         x = logits.requires_grad_()
@@ -143,7 +144,7 @@ def test_ignore_index_that_is_a_class_id():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_logits_and_target(dtype):
+def test_strided_logits_and_target(launch_configs, dtype):
     # A slice of a wider tensor (row stride 200 != V = 131, a prime) and a non-contiguous target.
     N, V = 6, 131
     g = seeded(5)
@@ -325,8 +326,9 @@ def test_linear_cross_entropy_matches_unfused(reduction, dtype):
     assert torch.equal(xf.detach(), x) and torch.equal(wf.detach(), weight)
 
 
-def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad():
-    N, C, V = 13, 32, 257  # default chunk: ceil(13 / ceil(257 / 32)) = 2 rows, 7 chunks
+def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad(launch_configs):
+    # Default chunks: on a GPU ceil(13 / ceil(257 / 32)) = 2 rows, 7 chunks; in the interpreter one chunk.
+    N, C, V = 13, 32, 257
     x, weight, target = make_head_inputs(N, C, V, torch.float32, n_ignored=3, seed=9)
     exact = reference.cross_entropy(x.double() @ weight.double().t(), target)
     unfused = F.cross_entropy(F.linear(x, weight), target)

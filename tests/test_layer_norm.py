@@ -19,7 +19,7 @@ from kernels.layer_norm import (
     add_layer_norm,
     layer_norm,
 )
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -68,7 +68,7 @@ def _params(N, dtype, seed=0):
         (3, 4096),  # MAX_N: the widest row, 16 warps
     ],
 )
-def test_matches_reference(dtype, shape):
+def test_matches_reference(launch_configs, dtype, shape):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
     _check(x, *_params(shape[-1], dtype))
@@ -87,7 +87,7 @@ def test_large_mean_rows():
     _check(torch.randn(5, 300) + 1000, *_params(300, torch.float32))
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(launch_configs):
     torch.manual_seed(3)
     w, b = _params(100, torch.float32)
     _check(torch.randn(9, 1000)[:, 100:877], *_params(777, torch.float32))  # column slice: rows 1000 apart
@@ -110,7 +110,7 @@ def test_broadcast_gradient():
         assert_close_to_reference(f"layer_norm {name}", g, e, t)
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(launch_configs):
     """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
     torch.manual_seed(5)
     M, N = 7, 777
@@ -238,14 +238,14 @@ def _check_add(x, r, w, b, dh="randn", dy="randn"):
         ((1, 7, 768), torch.float32),  # GPT-2 124M's width, 7 rows; fp32 parameters (the model's case)
     ],
 )
-def test_add_matches_reference(dtype, shape, param_dtype):
+def test_add_matches_reference(launch_configs, dtype, shape, param_dtype):
     torch.manual_seed(10)
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
     r = torch.randn(shape, dtype=dtype)
     _check_add(x, r, *_params(shape[-1], param_dtype or dtype, seed=10))
 
 
-def test_add_non_contiguous_inputs():
+def test_add_non_contiguous_inputs(launch_configs):
     torch.manual_seed(11)
     w, b = _params(37, torch.float32, seed=11)
     x = torch.randn(9, 100)[:, 20:57]  # column slice: rows 100 apart
@@ -264,7 +264,7 @@ def test_add_gradient_into_one_output():
     _check_add(x, r, w, b, dy=None)
 
 
-def test_add_every_output_element_is_written():
+def test_add_every_output_element_is_written(launch_configs):
     """The launchers with a residual, into NaN-filled buffers."""
     torch.manual_seed(13)
     M, N = 7, 37
