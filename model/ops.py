@@ -79,6 +79,10 @@ def _kernels():
     return _KERNELS
 
 
+# What every script prints when --fused runs on a CPU (train.py, generate.py): one text, said once.
+INTERPRETER_NOTICE = "note: --fused on CPU runs the Triton kernels in Triton's interpreter: slow, meant for checking"
+
+
 class FusedOps:
     """The Triton kernels of `kernels/`. Imported lazily: the PyTorch path needs no Triton."""
 
