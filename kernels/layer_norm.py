@@ -227,8 +227,9 @@ def _layer_norm_bwd_kernel(
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = group.to(tl.int64) * rows_per_group
-    # Walk this group's rows BLOCK_M at a time; rows past M load dY = 0 and so add 0.
-    for m in range(0, rows_per_group, BLOCK_M):
+    # Walk this group's rows BLOCK_M at a time, stopping at M; rows past M in the last step load dY = 0
+    # and so add 0.
+    for m in range(0, tl.minimum(rows_per_group, M - row_start), BLOCK_M):
         rows = row_start + m + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
