@@ -213,7 +213,7 @@ NUM_WARPS = 8
 PROGRAMS_PER_SM = 4
 
 
-def _launch_config(N: int) -> dict:
+def launch_config(N: int) -> dict:
     """The GPU's configuration."""
     block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
     return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
@@ -224,13 +224,13 @@ def _config(M: int, N: int, device: torch.device, backward: bool = False) -> dic
     forward a whole (1024, 512) MLP activation of the tiny preset, one program; the backward walks
     its one group of rows about sqrt(M) rows at a time (see `interpreter_rows_per_step`). Else the GPU's."""
     if not interpreter_configs(device):
-        return _launch_config(N)
+        return launch_config(N)
     block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), INTERPRETER_TILE)
     block_m = min(INTERPRETER_TILE // block_n, interpreter_rows_per_step(M) if backward else next_power_of_2(M))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "num_stages": NUM_STAGES}
 
 
-def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
+def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
     """y (M, N) contiguous <- GELU(x2 + bias). x2 from `as_rows`, inputs checked."""
     M, N = x2.shape
     if M == 0:
@@ -241,7 +241,7 @@ def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> Non
         _bias_gelu_fwd_kernel[grid](x2, bias, y, x2.stride(0), M, N, **cfg)
 
 
-def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+def bias_gelu_backward(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """dx (M, N) contiguous <- dy2 * GELU'(x2 + bias); returns dBias (N,) in bias's dtype."""
     M, N = x2.shape
     if M == 0:
@@ -287,7 +287,7 @@ def _check_inputs(x, bias):
 @torch.library.custom_op("gpt_triton::bias_gelu_fwd", mutates_args=(), schema="(Tensor x2, Tensor bias) -> Tensor")
 def _bias_gelu_fwd_op(x2, bias):
     y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    _bias_gelu_fwd(x2, bias, y)
+    bias_gelu_forward(x2, bias, y)
     return y
 
 
@@ -301,7 +301,7 @@ def _(x2, bias):
 )
 def _bias_gelu_bwd_op(dy2, x2, bias):
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    return dx, _bias_gelu_bwd(dy2, x2, bias, dx)
+    return dx, bias_gelu_backward(dy2, x2, bias, dx)
 
 
 @_bias_gelu_bwd_op.register_fake
@@ -337,10 +337,10 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
+# Compile specs: every configuration `launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
 # filling a 2048-element tile), per input dtype with an fp32 bias (the model's parameters are fp32).
 # ----------------------------------------------------------------------------------------------
-_CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
+_CONFIGS = [launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
 
 COMPILE_SPECS = [
     spec

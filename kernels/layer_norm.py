@@ -271,7 +271,7 @@ MIN_BLOCK_N, MAX_N = 16, 4096
 GROUPS_PER_SM = 2
 
 
-def _launch_config(N: int, has_residual: bool = False) -> dict:
+def launch_config(N: int, has_residual: bool = False) -> dict:
     """The GPU's configuration: one row per program (per step of the backward's walk)."""
     block_n = max(next_power_of_2(N), MIN_BLOCK_N)
     return {
@@ -283,14 +283,14 @@ def _launch_config(N: int, has_residual: bool = False) -> dict:
 def _config(M: int, N: int, has_residual: bool, device: torch.device, backward: bool = False) -> dict:
     """The GPU's configuration, or the interpreter's: the forward takes as many rows as fill the tile,
     the backward walks its one group about sqrt(M) rows at a time (see `interpreter_rows_per_step`)."""
-    cfg = _launch_config(N, has_residual)
+    cfg = launch_config(N, has_residual)
     if interpreter_configs(device):
         rows = interpreter_rows_per_step(M) if backward else next_power_of_2(M)
         cfg.update(BLOCK_M=min(max(INTERPRETER_TILE // cfg["BLOCK_N"], 1), rows), num_warps=1)
     return cfg
 
 
-def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> None:
+def layer_norm_forward(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> None:
     """y (M, N) contiguous, mean and rstd (M,) fp32 <- LayerNorm of x2's rows; with a residual r2
     (x2's shape and dtype, any row stride), h (M, N) contiguous <- x2 + r2 too, and y normalizes
     that sum. Inputs checked."""
@@ -307,7 +307,7 @@ def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> No
         )
 
 
-def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, dh2=None):
+def layer_norm_backward(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, dh2=None):
     """dx (M, N) contiguous <- dX, plus dh2 (the gradient from h's other uses) when given; returns
     (dW, dB), (N,) each in the given dtypes."""
     M, N = x2.shape
@@ -375,7 +375,7 @@ def _layer_norm_fwd_op(x2, weight, bias, eps):
     y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd)
+    layer_norm_forward(x2, weight, bias, eps, y, mean, rstd)
     return y, mean, rstd
 
 
@@ -392,7 +392,7 @@ def _(x2, weight, bias, eps):
 )
 def _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, bias_dtype, dh2=None):
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype, dh2)
+    dw, db = layer_norm_backward(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype, dh2)
     return dx, dw, db
 
 
@@ -413,7 +413,7 @@ def _add_layer_norm_fwd_op(x2, r2, weight, bias, eps):
     y = torch.empty_like(h)
     mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2, h)
+    layer_norm_forward(x2, weight, bias, eps, y, mean, rstd, r2, h)
     return h, y, mean, rstd
 
 
@@ -489,7 +489,7 @@ def add_layer_norm(
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
+# Compile specs: every configuration `launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
 # 1 ... 16), with and without the residual (layer_norm.* and add_layer_norm.*), per input dtype with
 # fp32 weight and bias (the model's parameters are fp32). The dW/dB reduction is
 # `_common._sum_partials_kernel`, listed once, in bias_gelu's COMPILE_SPECS.
@@ -510,7 +510,7 @@ COMPILE_SPECS = [
                 "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr",
             },
-            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
+            configs=[launch_config(n, has_residual) for n in _WIDTHS],
         ),
         CompileSpec(
             name=f"{op}.bwd.{ty}",
@@ -521,7 +521,7 @@ COMPILE_SPECS = [
                 "stride_dh_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
                 "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
             },
-            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
+            configs=[launch_config(n, has_residual) for n in _WIDTHS],
         ),
     )
 ]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels._common import as_rows
-from kernels.bias_gelu import COMPILE_SPECS, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
+from kernels.bias_gelu import COMPILE_SPECS, bias_gelu, bias_gelu_backward, bias_gelu_forward, launch_config
 from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -108,8 +108,8 @@ def test_every_output_element_is_written(launch_configs):
     torch.manual_seed(5)
     x, bias, dy = torch.randn(300, 100), torch.randn(100), torch.randn(300, 100)
     y, dx = poison_(torch.empty(300, 100)), poison_(torch.empty(300, 100))
-    _bias_gelu_fwd(as_rows(x, 100), bias, y)
-    dbias = _bias_gelu_bwd(as_rows(dy, 100), as_rows(x, 100), bias, dx)
+    bias_gelu_forward(as_rows(x, 100), bias, y)
+    dbias = bias_gelu_backward(as_rows(dy, 100), as_rows(x, 100), bias, dx)
     _, exact_dx, exact_db = _fwd_bwd(reference.bias_gelu, x.double(), bias.double(), dy.double())
     torch_ = _fwd_bwd(lambda a, b: F.gelu(a + b, approximate="tanh"), x, bias, dy)
     assert_close_to_reference("y", y, reference.bias_gelu(x.double(), bias.double()), torch_[0])
@@ -158,7 +158,7 @@ def test_compile_specs_cover_every_launch():
     assert {spec.signature["X"] for spec in elementwise} == {"*fp32", "*fp16", "*bf16"}
     for N in [1, 15, 16, 17, 100, 256, 257, 777, 3072, 50257]:
         for spec in elementwise:
-            assert _launch_config(N) in spec.configs, (spec.name, N)
+            assert launch_config(N) in spec.configs, (spec.name, N)
 
 
 def test_torch_compile_traces_without_graph_breaks():

@@ -5,20 +5,19 @@ far from the float64 answer (plus a small atol), for the loss and for the gradie
 """
 
 import functools
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.cross_entropy as ce  # the module, for its launcher (spied on) and launch_config
 from kernels import reference
-from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
+from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy
+from kernels.linear_cross_entropy import linear_cross_entropy
 from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
-# The module itself (for its launcher and constants): `kernels.cross_entropy` may name the function.
-ce = importlib.import_module("kernels.cross_entropy")
 
 
 @pytest.fixture
@@ -187,14 +186,14 @@ def test_logits_unchanged_and_backward_repeatable():
 def test_int32_target_and_no_grad_path(monkeypatch):
     logits, target = make_inputs(11, 77, torch.float32, n_ignored=3, seed=7)
     seen = []
-    launch = ce._cross_entropy_fwd
+    launch = ce.cross_entropy_forward
 
     def spy(*args, **kwargs):
         loss_rows, grad = launch(*args, **kwargs)
         seen.append(grad is not None)
         return loss_rows, grad
 
-    monkeypatch.setattr(ce, "_cross_entropy_fwd", spy)
+    monkeypatch.setattr(ce, "cross_entropy_forward", spy)
     with_grad = cross_entropy(logits.clone().requires_grad_(), target, reduction="none")
     no_grad_input = cross_entropy(logits, target.to(torch.int32), reduction="none")
     with torch.no_grad():
@@ -229,7 +228,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=rf"outside \[0, 10\).*e\.g\. {bad}"):
             cross_entropy(logits, t)
     with pytest.raises(ValueError, match="max_block_v"):
-        ce._cross_entropy_fwd(logits, target, -100, 1.0, False, max_block_v=100)
+        ce.cross_entropy_forward(logits, target, -100, 1.0, False, max_block_v=100)
 
 
 def test_compile_specs_cover_every_launch_config():
@@ -240,7 +239,7 @@ def test_compile_specs_cover_every_launch_config():
     assert sorted(listed) == ["*bf16", "*fp16", "*fp32"]
     for V in [1, 5, 127, 128, 129, 1000, 2048, 4095, 4096, 4097, 50257, 10**6]:
         for max_block_v in [128, 1024, 4096]:
-            cfg = ce._launch_config(V, max_block_v)
+            cfg = ce.launch_config(V, max_block_v)
             for configs in listed.values():
                 for has_grad in (True, False):
                     assert (cfg["BLOCK_V"], cfg["num_warps"], cfg["num_stages"], has_grad) in configs, (V, cfg)

@@ -13,9 +13,9 @@ from kernels._common import as_rows
 from kernels.layer_norm import (
     COMPILE_SPECS,
     MAX_N,
-    _launch_config,
-    _layer_norm_bwd,
-    _layer_norm_fwd,
+    launch_config,
+    layer_norm_backward,
+    layer_norm_forward,
     add_layer_norm,
     layer_norm,
 )
@@ -117,8 +117,8 @@ def test_every_output_element_is_written(launch_configs):
     x, dy, (w, b) = torch.randn(M, N), torch.randn(M, N), _params(N, torch.float32)
     y, dx = poison_(torch.empty(M, N)), poison_(torch.empty(M, N))
     mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
-    _layer_norm_fwd(as_rows(x, N), w, b, 1e-5, y, mean, rstd)
-    dw, db = _layer_norm_bwd(as_rows(dy, N), as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
+    layer_norm_forward(as_rows(x, N), w, b, 1e-5, y, mean, rstd)
+    dw, db = layer_norm_backward(as_rows(dy, N), as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
     exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
     torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
     for name, g, e, t in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), exact, torch_):
@@ -179,7 +179,7 @@ def test_compile_specs_cover_every_launch():
     for N in [1, 15, 16, 17, 37, 100, 768, 777, 1024, 1025, 1600, 2049, MAX_N]:
         for spec in COMPILE_SPECS:
             has_residual = spec.name.startswith("add_layer_norm.")
-            assert _launch_config(N, has_residual) in spec.configs, (spec.name, N)
+            assert launch_config(N, has_residual) in spec.configs, (spec.name, N)
 
 
 def test_torch_compile_traces_without_graph_breaks():
@@ -272,8 +272,8 @@ def test_add_every_output_element_is_written(launch_configs):
     w, b = _params(N, torch.float32)
     h, y, dx = (poison_(torch.empty(M, N)) for _ in range(3))
     mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
-    _layer_norm_fwd(x, w, b, 1e-5, y, mean, rstd, r, h)
-    dw, db = _layer_norm_bwd(dy, h, w, mean, rstd, dx, w.dtype, b.dtype, dh)
+    layer_norm_forward(x, w, b, 1e-5, y, mean, rstd, r, h)
+    dw, db = layer_norm_backward(dy, h, w, mean, rstd, dx, w.dtype, b.dtype, dh)
     exact = _add_fwd_bwd(reference.add_layer_norm, *(t.double() for t in (x, r, w, b, dh, dy)))
     torch_ = _add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy)
     for name, g, e, t in zip(("h", "y", "dx", "dw", "db"), (h, y, dx, dw, db), exact[:3] + exact[4:],
