@@ -87,8 +87,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 _OP = "bias_gelu"
-_K0 = math.sqrt(2.0 / math.pi)
-_K1 = 0.044715
+# The tanh approximation's constants, as constexprs so that the kernels fold them in.
+K0 = tl.constexpr(math.sqrt(2.0 / math.pi))
+K1 = tl.constexpr(0.044715)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def flops(kernel: str, *args, **kwargs) -> int:
 @triton.jit
 def _gelu_sigmoid(z):
     """s = sigmoid(2u) and 1 - s, u = k0 (z + k1 z^3), from exp(-2|u|) only (never overflows)."""
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)  # sqrt(2/pi) (z + k1 z^3)
+    u = K0 * (z + K1 * z * z * z)
     a = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]; z^3 may be inf for |z| > 1e12: then a = 0, still fine
     big = 1.0 / (1.0 + a)  # sigmoid(2|u|), in [0.5, 1]
     small = a * big  # sigmoid(-2|u|) = 1 - big, computed without the subtraction
@@ -191,7 +192,8 @@ def _bias_gelu_bwd_kernel(
         # is exactly 0 in fp32, but z^2 overflows for |z| > 1.8e19 and 0 * inf = NaN (PyTorch's own
         # gelu_backward returns NaN there). Clamping z inside the term changes nothing below |z| = 20.
         zc = tl.minimum(tl.maximum(z, -20.0), 20.0)
-        dgelu = s + 2.0 * zc * s * one_minus_s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * zc * zc)
+        # -- GELU'(z) = s + 2 z s (1 - s) k0 (1 + 3 k1 z^2) --
+        dgelu = s + 2.0 * zc * s * one_minus_s * K0 * (1.0 + 3.0 * K1 * zc * zc)
         dx = dy * dgelu
         tl.store(DX + rows[:, None] * N + cols[None, :], cast_for_store(dx, DX.dtype.element_ty), mask=mask)
         acc += dx  # the fp32 dX, before it is rounded to X's dtype

@@ -45,7 +45,11 @@ def _check(x, w, b, dy=None):
         dy = torch.randn(x.shape, dtype=x.dtype)
     got = _fwd_bwd(layer_norm, x, w, b, dy)
     exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
-    torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
+    torch_ = list(_fwd_bwd(_torch_layer_norm, x, w, b, dy))
+    if w.dtype != x.dtype:
+        # Mixed precision (fp32 parameters, 16-bit activations): the baseline for the parameters'
+        # gradients is PyTorch's fp32 computation, not one cast down to 16 bits.
+        torch_[2:] = _fwd_bwd(_torch_layer_norm, x.float(), w, b, dy.float())[2:]
     for name, g, e, t in zip(("y", "dx", "dw", "db"), got, exact, torch_):
         assert_close_to_reference(f"layer_norm {name} {x.dtype}", g, e, t)
     assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
@@ -215,7 +219,16 @@ def _check_add(x, r, w, b, dh="randn", dy="randn"):
     got = _add_fwd_bwd(add_layer_norm, x, r, w, b, dh, dy)
     exact = _add_fwd_bwd(reference.add_layer_norm, *(t.double() for t in (x, r, w, b)),
                          *(None if g is None else g.double() for g in (dh, dy)))
-    torch_ = _add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy)
+    torch_ = list(_add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy))
+    if w.dtype != x.dtype and dy is not None:
+        # Mixed precision: the parameters' baseline is PyTorch's fp32 LayerNorm, as in _check, of h
+        # as autocast has it: x + r added in x's dtype (rounded). The kernel's dW and dB see that
+        # rounded h too: it is what the forward saves for the backward.
+        def add_then_fp32_ln(x, r, w, b):
+            h = x + r
+            return h, _torch_layer_norm(h.float(), w, b)
+
+        torch_[4:] = _add_fwd_bwd(add_then_fp32_ln, x, r, w, b, dh, None if dy is None else dy.float())[4:]
     for name, g, e, t in zip(("h", "y", "dx", "dresidual", "dw", "db"), got, exact, torch_):
         if e is None:
             assert g is None, f"add_layer_norm {name}: a gradient where PyTorch has none"
