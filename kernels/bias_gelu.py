@@ -93,6 +93,38 @@ K1 = tl.constexpr(0.044715)
 
 
 # ----------------------------------------------------------------------------------------------
+# Configurations: block sizes, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
+# A tile of TILE elements per program, BLOCK_N following the width up to MAX_BLOCK_N and BLOCK_M
+# filling the rest, so a narrow row is not padded to 256 columns. 2048 elements over 8 warps is 8
+# per thread: ptxas (sm_80) gives the backward 70 registers, 3 programs per SM; a 4096 tile needed
+# 155 (1 program per SM, too few warps in flight to hide memory latency), and over 4 warps it spilled.
+TILE = 2048
+MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
+NUM_WARPS = 8
+# Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
+# enough that the (n_groups, N) fp32 buffer of partial sums stays a small fraction of the traffic.
+PROGRAMS_PER_SM = 4
+
+
+def launch_config(N: int) -> dict:
+    """The GPU's configuration."""
+    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
+    return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
+def _config(M: int, N: int, device: torch.device, backward: bool = False) -> dict:
+    """The interpreter's is a tile of up to INTERPRETER_TILE elements as wide as the row: in the
+    forward a whole (1024, 512) MLP activation of the tiny preset, one program; the backward walks
+    its one group of rows about sqrt(M) rows at a time (see `interpreter_rows_per_step`). Else the GPU's."""
+    if not interpreter_configs(device):
+        return launch_config(N)
+    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), INTERPRETER_TILE)
+    block_m = min(INTERPRETER_TILE // block_n, interpreter_rows_per_step(M) if backward else next_power_of_2(M))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "num_stages": NUM_STAGES}
+
+
+# ----------------------------------------------------------------------------------------------
 # The lesson's counts: the docstring's traffic as code, for any shape, dtypes and blocks (checked
 # against a trace of the interpreter by tests/test_explain.py; printed by `python scripts/explain.py
 # bias_gelu`). Bytes are what the programs request: the bias slice is re-read by every row tile.
@@ -122,7 +154,7 @@ def flops(kernel: str, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Forward kernel: the math is in the module docstring; step markers name each formula
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _gelu_sigmoid(z):
@@ -158,6 +190,9 @@ def _bias_gelu_fwd_kernel(
     tl.store(Y + rows[:, None] * N + cols[None, :], cast_for_store(z * s, Y.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward kernel: the derivation is in the module docstring
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bias_gelu_bwd_kernel(
     X,  # (M, N) as in the forward: row stride stride_x_row
@@ -201,37 +236,8 @@ def _bias_gelu_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: checks, grid, launch
 # ----------------------------------------------------------------------------------------------
-# A tile of TILE elements per program, BLOCK_N following the width up to MAX_BLOCK_N and BLOCK_M
-# filling the rest, so a narrow row is not padded to 256 columns. 2048 elements over 8 warps is 8
-# per thread: ptxas (sm_80) gives the backward 70 registers, 3 programs per SM; a 4096 tile needed
-# 155 (1 program per SM, too few warps in flight to hide memory latency), and over 4 warps it spilled.
-TILE = 2048
-MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
-NUM_WARPS = 8
-# Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
-# enough that the (n_groups, N) fp32 buffer of partial sums stays a small fraction of the traffic.
-PROGRAMS_PER_SM = 4
-
-
-def launch_config(N: int) -> dict:
-    """The GPU's configuration."""
-    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
-    return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-
-
-def _config(M: int, N: int, device: torch.device, backward: bool = False) -> dict:
-    """The interpreter's is a tile of up to INTERPRETER_TILE elements as wide as the row: in the
-    forward a whole (1024, 512) MLP activation of the tiny preset, one program; the backward walks
-    its one group of rows about sqrt(M) rows at a time (see `interpreter_rows_per_step`). Else the GPU's."""
-    if not interpreter_configs(device):
-        return launch_config(N)
-    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), INTERPRETER_TILE)
-    block_m = min(INTERPRETER_TILE // block_n, interpreter_rows_per_step(M) if backward else next_power_of_2(M))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "num_stages": NUM_STAGES}
-
-
 def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
     """y (M, N) contiguous <- GELU(x2 + bias). x2 from `as_rows`, inputs checked."""
     M, N = x2.shape
@@ -281,7 +287,7 @@ def _check_inputs(x, bias):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops and the autograd.Function
 # ----------------------------------------------------------------------------------------------
 # The launchers as PyTorch custom ops, as in flash_attention: torch.compile cannot trace into a
 # Triton launch, but it can treat an op it knows only by its output shapes (the fake implementations)
@@ -330,6 +336,9 @@ class BiasGeluFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dbias
 
 
+# ----------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.gelu(x + bias, approximate="tanh") in one pass, bias (N,) broadcast over the last dim of x
     (any leading shape, any strides). The result has x's dtype (PyTorch's type promotion would give

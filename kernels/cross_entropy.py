@@ -79,6 +79,32 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------------------------
+# Configurations: block sizes, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
+# On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
+# for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
+# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
+# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
+MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+INTERPRETER_MAX_BLOCK_V = 2**16
+_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
+_GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
+
+
+def launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
+    """The GPU's configuration: one row per program."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
+
+
+def interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
+    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
+    return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
+
+
+# ----------------------------------------------------------------------------------------------
 # The lesson's counts: the docstring's traffic as code, for any shape (checked against a trace of the
 # interpreter by tests/test_explain.py; printed by `python scripts/explain.py cross_entropy`). Bytes
 # are what the program of each row requests. No tl.dot here.
@@ -103,7 +129,7 @@ def flops(kernel: str, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel
+# Forward kernel: the math is in the module docstring; step markers name each formula
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_entropy_fwd_kernel(
@@ -171,31 +197,8 @@ def _cross_entropy_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launcher
+# Launchers: checks, grid, launch
 # ----------------------------------------------------------------------------------------------
-# On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
-# for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
-# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
-# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
-MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
-INTERPRETER_MAX_BLOCK_V = 2**16
-_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
-_GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
-
-
-def launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
-    """The GPU's configuration: one row per program."""
-    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
-
-
-def interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
-    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
-    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
-    return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
-
-
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -287,7 +290,7 @@ def _fake_loss(t, reduction):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops and the autograd.Function
 # ----------------------------------------------------------------------------------------------
 # The launcher as a PyTorch custom op, as in layer_norm and flash_attention: torch.compile cannot
 # trace into a Triton launch, nor past the target check's host sync, but it can treat an op it knows
@@ -351,6 +354,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------
 def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean"):
     """F.cross_entropy(logits, target, ignore_index=..., reduction=...) for (N, V) logits and (N,)
     int64/int32 targets, fused: the gradient is written during the forward pass. The loss is fp32
