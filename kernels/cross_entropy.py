@@ -44,7 +44,8 @@ Fused (this file):
     total                                                                        ~2.5 GB
 Both keep one (N, V) tensor alive between forward and backward (log_softmax there, the gradient
 here), so the saving is in traffic, not in memory. `linear_cross_entropy` at the end of this file
-saves the memory too: it never holds more than a chunk of rows of logits.
+(lesson 3b, kernels/linear_cross_entropy.py) saves the memory too: it never holds more than a chunk of
+rows of logits.
 
 We do not overwrite the logits with their gradient (Liger-Kernel does, to save that one buffer): the
 logits belong to autograd, and a caller that looks at them after backward would read gradients.
@@ -63,11 +64,14 @@ from kernels._common import (  # must precede the @triton.jit kernels (switches 
     GPT2_VOCAB,
     TRAIN_DTYPES,
     CompileSpec,
+    INTERPRETER_TILE,
+    NUM_STAGES,
     cast_for_store,
     check_device,
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
     next_power_of_2,
 )
 
@@ -76,6 +80,32 @@ import triton.language as tl  # noqa: E402
 
 _OP = "cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations: block sizes, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
+# On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
+# for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
+# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
+# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
+MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+INTERPRETER_MAX_BLOCK_V = 2**16
+_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
+_GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
+
+
+def launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
+    """The GPU's configuration: one row per program."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
+
+
+def interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
+    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
+    return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +133,7 @@ def flops(kernel: str, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel
+# Forward kernel: the math is in the module docstring; step markers name each formula
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_entropy_fwd_kernel(
@@ -112,86 +142,80 @@ def _cross_entropy_fwd_kernel(
     LOSS,  # (N,) fp32: per-row loss, 0 on ignored rows
     GRAD,  # (N, V) logits' dtype, contiguous: (softmax - onehot) * scale; unused unless HAS_GRAD
     stride_row,
+    N,
     V,
     ignore_index,
     scale,  # fp32: 1/count for "mean", 1 for "sum" and "none"
+    BLOCK_ROWS: tl.constexpr,  # rows per program: 1 on a GPU, many in the interpreter
     BLOCK_V: tl.constexpr,
     HAS_GRAD: tl.constexpr,
 ):
     # int64 row offsets: N * V passes 2^31 at N = 42,731 rows of a GPT-2 vocabulary.
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = LOGITS + row * stride_row
-    grad_row = GRAD + row * V
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    in_range = rows < N
+    tgt = tl.load(TARGET + rows, mask=in_range, other=ignore_index)
+    # An ignored row costs no read of its logits (its loads are masked off); its gradient is still
+    # written (as zeros), since the buffer comes from torch.empty and backward hands every element on.
+    valid = in_range & (tgt != ignore_index)
+    logits_rows = LOGITS + rows[:, None] * stride_row  # (BLOCK_ROWS, 1) row pointers
+    grad_rows = GRAD + rows[:, None] * V
     offs = tl.arange(0, BLOCK_V)
-    tgt = tl.load(TARGET + row)
 
-    if tgt == ignore_index:
-        # An ignored row costs no read of its logits; its gradient is still written (as zeros), since
-        # the buffer comes from torch.empty and backward hands every element on.
-        tl.store(LOSS + row, 0.0)
-        if HAS_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty), mask=cols < V)
-    else:
-        # Pass 1: online softmax. Masked lanes load -inf, so they add exp(-inf) = 0 to the sum and
-        # never win the max. While the max is still -inf (the row so far is all -inf: a masked-out
-        # stretch of vocabulary) we subtract 0 instead of it, or exp(-inf - -inf) would be NaN.
-        m = tl.full([], float("-inf"), dtype=tl.float32)
-        d = tl.full([], 0.0, dtype=tl.float32)
+    # Pass 1: online softmax. Masked lanes load -inf, so they add exp(-inf) = 0 to the sum and never
+    # win the max. While the max is still -inf (the row so far is all -inf: a masked-out stretch of
+    # vocabulary, or an ignored row) we subtract 0 instead of it, or exp(-inf - -inf) would be NaN.
+    m = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+    d = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(logits_rows + cols[None, :], mask=valid[:, None] & (cols < V)[None, :],
+                    other=float("-inf")).to(tl.float32)
+        # -- raise the running max, rescale d by exp(m - m'), add the chunk's exp(x - m') --
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
+        m = m_new
+    # Ignored rows end with m = -inf and d = 0: give them m = 0, log d = 0, so that nothing below
+    # evaluates log 0 or -inf - -inf (their loss and gradient are set to 0 anyway).
+    m = tl.where(valid, m, 0.0)
+    log_d = tl.log(tl.where(valid, d, 1.0))
+
+    # -- loss = lse - x[t], written as (m - x[t]) + log d --
+    # Forming lse = m + log d first would round it at the magnitude of m (1e3 -> an error of 6e-5)
+    # before the near-cancelling subtraction.
+    x_t = tl.load(LOGITS + rows * stride_row + tgt, mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSS + rows, tl.where(valid, (m - x_t) + log_d, 0.0), mask=in_range)
+
+    if HAS_GRAD:
+        # Pass 2: the gradient. exp(x - m - log d) is evaluated left to right, (x - m) first, for
+        # the same reason as above.
         for start in range(0, V, BLOCK_V):
             cols = start + offs
-            x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
-            m = m_new
-        log_d = tl.log(d)
-
-        # loss = lse - x[t], written as (m - x[t]) + log d: forming lse = m + log d first would round
-        # it at the magnitude of m (1e3 -> an error of 6e-5) before the near-cancelling subtraction.
-        x_t = tl.load(logits_row + tgt).to(tl.float32)
-        tl.store(LOSS + row, (m - x_t) + log_d)
-
-        if HAS_GRAD:
-            # Pass 2: the gradient. exp(x - m - log d) is evaluated left to right, (x - m) first, for
-            # the same reason as above.
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                p = tl.exp(x - m - log_d)
-                g = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
-                tl.store(grad_row + cols, cast_for_store(g, GRAD.dtype.element_ty), mask=cols < V)
+            col_ok = (cols < V)[None, :]
+            x = tl.load(logits_rows + cols[None, :], mask=valid[:, None] & col_ok, other=float("-inf")).to(tl.float32)
+            # -- d loss / d x_j = (softmax_j - [j == t]) * scale, 0 on ignored rows --
+            p = tl.exp(x - m[:, None] - log_d[:, None])
+            g = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * scale
+            g = tl.where(valid[:, None], g, 0.0)
+            tl.store(grad_rows + cols[None, :], cast_for_store(g, GRAD.dtype.element_ty), mask=in_range[:, None] & col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launcher
+# Launchers: checks, grid, launch
 # ----------------------------------------------------------------------------------------------
-# One program owns a row and loops over it, so BLOCK_V only trades registers for loop trips: 4096
-# fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk that covers the row.
-MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
-_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(MAX_BLOCK_V)) + 1)]
-NUM_STAGES = 3  # Triton's default on NVIDIA, stated explicitly
-
-
-def _launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
-    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    return {"BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
-
-
-def _cross_entropy_fwd(
+def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     ignore_index: int,
     scale: float,
     compute_grad: bool,
-    max_block_v: int = MAX_BLOCK_V,
+    max_block_v: int = 0,
 ):
     """Per-row fp32 loss (N,) and, if compute_grad, the gradient (N, V) in the logits' dtype, scaled by
-    `scale`. Inputs must already be checked (see `_check_inputs`). `max_block_v` (a power of 2 in
-    [MIN_BLOCK_V, MAX_BLOCK_V]) lets tests force many chunks on a small vocabulary."""
-    if max_block_v not in _BLOCK_V_CHOICES:
-        raise ValueError(f"{_OP}: max_block_v must be a power of 2 in [{MIN_BLOCK_V}, {MAX_BLOCK_V}]")
+    `scale`. Inputs must already be checked (see `_check_inputs`). `max_block_v` (0: the launcher's
+    choice, or a power of 2 in [MIN_BLOCK_V, 65,536]) lets tests force many chunks on a small vocabulary."""
+    if max_block_v and max_block_v not in _BLOCK_V_CHOICES:
+        raise ValueError(f"{_OP}: max_block_v must be 0 or a power of 2 in [{MIN_BLOCK_V}, {INTERPRETER_MAX_BLOCK_V}]")
     N, V = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()  # coalesced loads need the vocabulary contiguous; rows may be strided
@@ -199,13 +223,14 @@ def _cross_entropy_fwd(
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if compute_grad else None
     if N == 0:
         return loss, grad
-    cfg = _launch_config(V, max_block_v)
+    if interpreter_configs(logits.device):
+        cfg = interpreter_config(N, V, max_block_v or INTERPRETER_MAX_BLOCK_V)
+    else:
+        cfg = launch_config(V, min(max_block_v or MAX_BLOCK_V, MAX_BLOCK_V))
     with device_guard(logits.device):
-        _cross_entropy_fwd_kernel[(N,)](
+        _cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_ROWS"]),)](
             logits, target, loss, grad if compute_grad else logits,  # GRAD is never touched without HAS_GRAD
-            logits.stride(0), V, ignore_index, scale,
-            BLOCK_V=cfg["BLOCK_V"], HAS_GRAD=compute_grad,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            logits.stride(0), N, V, ignore_index, scale, HAS_GRAD=compute_grad, **cfg,
         )
     return loss, grad
 
@@ -252,22 +277,24 @@ def _check_inputs(logits, target, ignore_index, reduction):
     _check_target(target, logits.shape[0], _OP)
 
 
-def _reduce(loss_rows, n_valid, reduction, dtype):
-    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, in `dtype`."""
+def _reduce(loss_rows, n_valid, reduction):
+    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, kept in fp32
+    whatever the logits' dtype: the kernel accumulates in fp32, and rounding a loss near 10 to bf16
+    would cost it 0.03-0.06 (autocast, too, runs cross-entropy in fp32)."""
     if reduction == "none":
-        return loss_rows.to(dtype)
+        return loss_rows
     total = loss_rows.sum()  # fp32
     if reduction == "mean":
         total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
-    return total.to(dtype)
+    return total
 
 
 def _fake_loss(t, reduction):
-    return t.new_empty(t.shape[:1] if reduction == "none" else ())
+    return t.new_empty(t.shape[:1] if reduction == "none" else (), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops and the autograd.Function
 # ----------------------------------------------------------------------------------------------
 # The launcher as a PyTorch custom op, as in layer_norm and flash_attention: torch.compile cannot
 # trace into a Triton launch, nor past the target check's host sync, but it can treat an op it knows
@@ -282,8 +309,8 @@ def _fake_loss(t, reduction):
 def _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v):
     target, n_valid = _checked_target(target, logits.shape[1], ignore_index, _OP)
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
-    return _reduce(loss_rows, n_valid, reduction, logits.dtype), grad
+    loss_rows, grad = cross_entropy_forward(logits, target, ignore_index, scale, compute_grad, max_block_v)
+    return _reduce(loss_rows, n_valid, reduction), grad
 
 
 @_cross_entropy_fwd_op.register_fake
@@ -291,8 +318,8 @@ def _(logits, target, ignore_index, reduction, compute_grad, max_block_v):
     return _fake_loss(logits, reduction), logits.new_empty(logits.shape) if compute_grad else None
 
 
-def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
-    """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
+def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=0):
+    """The reduced loss (fp32) and, if compute_grad, d loss / d logits for grad_output = 1."""
     _check_inputs(logits, target, ignore_index, reduction)
     return _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v)
 
@@ -312,7 +339,7 @@ def _times_grad_output(grad_output, *grads):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index=-100, reduction="mean", max_block_v=MAX_BLOCK_V):
+    def forward(ctx, logits, target, ignore_index=-100, reduction="mean", max_block_v=0):
         loss, grad = _loss_and_grad(logits, target, ignore_index, reduction, True, max_block_v)
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
@@ -323,16 +350,22 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
-            grad = grad * grad_output.unsqueeze(1)  # (N, V) * (N, 1)
+            # (N, V) * (N, 1): the fp32 row weights would promote the product to fp32; written into a
+            # buffer of the gradient's dtype instead, computed in fp32 and rounded once.
+            grad = torch.mul(grad, grad_output.unsqueeze(1), out=torch.empty_like(grad))
         else:
             (grad,) = _times_grad_output(grad_output, grad)
         return grad, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------
 def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean"):
     """F.cross_entropy(logits, target, ignore_index=..., reduction=...) for (N, V) logits and (N,)
-    int64/int32 targets, fused: the gradient is written during the forward pass. The loss has the
-    logits' dtype (accumulation is fp32). Rows with target == ignore_index add 0 loss and 0 gradient;
+    int64/int32 targets, fused: the gradient is written during the forward pass. The loss is fp32
+    for every logits dtype (the kernel accumulates in fp32; autocast's F.cross_entropy is fp32 too);
+    the gradient has the logits' dtype. Rows with target == ignore_index add 0 loss and 0 gradient;
     "mean" averages over the other rows and is 0 when there are none."""
     if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
         return CrossEntropyFunction.apply(logits, target, ignore_index, reduction)
@@ -343,206 +376,14 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
 
 
 # ----------------------------------------------------------------------------------------------
-# Going further: the LM head and the loss together, never holding the (N, V) logits
-# ----------------------------------------------------------------------------------------------
-# The kernel above still needs the logits: at N = 8192, V = 50,257 that is 823 MB of bf16 (1.6 GB if
-# the head runs in fp32), plus as much again for their gradient, for the one op of a GPT-2 that has
-# the vocabulary in it. But each row's loss and gradient need only that row's logits, so the
-# LM-head matmul and the loss can walk the rows in chunks: logits_c = x_c W^T, the kernel writes
-# d loss / d logits_c, which is turned at once into this chunk's share of the input gradients,
-#     d x_c = g_c W        and        d W += g_c^T x_c,
-# and dropped. Only one chunk of logits (and its gradient) is ever alive. The default chunk makes
-# a chunk's logits about as large as x itself: for C = 768, 125 rows of 50,257 (12.6 MB in bf16).
-# The matmuls are torch's (cuBLAS): nothing to gain writing them here.
-#
-# "mean" and "sum" compute the input gradients during forward, like the kernel (backward scales
-# them by grad_output). "none" cannot: its per-row grad_output reaches d W only through the sum
-# over rows, so for "none" forward computes the losses only and backward runs the chunks again.
-# Both passes are custom ops, like the kernel's, for torch.compile: the chunk loop launches the
-# kernel, checks the targets and fills its buffers in place, none of which a graph can trace.
-_LCE_OP = "linear_cross_entropy"
-
-
-# The lesson's counts for linear_cross_entropy (a section of its own until it has a file of its own):
-# the chunk loop's torch matmuls (cuBLAS on a GPU: counted as eager ops, each reading its operands
-# and writing its result) and its launches of the kernel above, for "mean" or "sum".
-def linear_cross_entropy_memory_traffic(N: int, C: int, V: int, x_bytes: int, n_valid: int, chunk_size: int,
-                                        want_grad: bool = True) -> dict:
-    """{"matmul": (read, written) over the chunk loop's matmuls, "add_": the same for its fp32 dW
-    accumulation, and each kernel argument summed over the chunks' launches}. Per chunk of n rows:
-    logits = x_c W^T reads x_c and W, writes n x V; with the gradient also d x_c = g W (reads g and W,
-    writes n x C) and g^T x_c (reads g and x_c, writes V x C), which `grad_w +=` adds into the fp32
-    (V, C) accumulator (reads both, writes it). So W is read 3 times and dW read and written once per
-    chunk: the price of never holding all the logits, and with chunks of about V / C rows (the
-    default) it is most of the traffic."""
-    e, chunks = x_bytes, -(-N // chunk_size)
-    read, written = N * C * e + chunks * V * C * e, N * V * e  # logits
-    acc = (0, 0)
-    if want_grad:
-        read += (N * V * e + chunks * V * C * e) + (N * V * e + N * C * e)
-        written += N * C * e + chunks * V * C * e
-        acc = (chunks * V * C * (4 + e), chunks * V * C * 4)
-    return {"matmul": (read, written), "add_": acc, **memory_traffic("fwd", N, V, e, n_valid, want_grad)}
-
-
-def linear_cross_entropy_flops(N: int, C: int, V: int, want_grad: bool = True) -> int:
-    """2 N V C for the logits, as much again for each of d x and d W with the gradient."""
-    return 2 * N * V * C * (3 if want_grad else 1)
-
-
-
-def _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x=None, grad_w=None, row_weight=None):
-    """Per-row fp32 losses (N,), chunk by chunk. With grad buffers given, also fill grad_x (N, C) and
-    accumulate into grad_w (V, C, fp32) the gradient of sum_i row_weight[i] * scale * loss_i."""
-    N = x.shape[0]
-    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
-    want_grad = grad_x is not None or grad_w is not None
-    for start in range(0, N, chunk_size):
-        rows = slice(start, min(start + chunk_size, N))
-        x_c = x[rows]
-        logits = x_c @ weight.t()  # (n, V) in x's dtype, as F.linear would give
-        loss_rows[rows], g = _cross_entropy_fwd(logits, target[rows], ignore_index, scale, want_grad)
-        if not want_grad:
-            continue
-        if row_weight is not None:
-            g.mul_(row_weight[rows].unsqueeze(1))  # g is this call's own buffer: in place is safe
-        if grad_x is not None:
-            grad_x[rows] = g @ weight
-        if grad_w is not None:
-            # The matmul runs in the input dtype (fp32 accumulation inside); the sum over chunks in fp32.
-            grad_w += g.t() @ x_c
-    return loss_rows
-
-
-def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size):
-    """Validate shapes, dtypes and devices (the targets' values are checked inside the op); return
-    the chunk size."""
-    _check_args(ignore_index, reduction, _LCE_OP)
-    if not all(isinstance(t, torch.Tensor) for t in (x, weight, target)):
-        raise TypeError(f"{_LCE_OP}: x, weight and target must be tensors")
-    check_ndim(x, "x", _LCE_OP, 2, "(N, C)")
-    check_ndim(weight, "weight", _LCE_OP, 2, "(V, C)")
-    check_dtype(x, "x", _LCE_OP)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{_LCE_OP}: weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    (N, C), (V, C_w) = x.shape, weight.shape
-    if C_w != C or V == 0:
-        raise ValueError(f"{_LCE_OP}: weight must be (V, C) with V > 0 and C = x.shape[1] = {C}, got {tuple(weight.shape)}")
-    check_device(x, weight, target, op=_LCE_OP)
-    _check_target(target, N, _LCE_OP)
-    if chunk_size is None:
-        return max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_LCE_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
-
-
-def _new_grad_buffers(x, weight, want_grad_x, want_grad_w):
-    """(N, C) for x, an fp32 (V, C) accumulator for weight; None where no gradient is wanted."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_grad_x else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_w else None
-    return grad_x, grad_w
-
-
-def _fake_grads(x, weight, want_grad_x, want_grad_w):
-    return x.new_empty(x.shape) if want_grad_x else None, weight.new_empty(weight.shape) if want_grad_w else None
-
-
-@torch.library.custom_op(
-    "gpt_triton::linear_cross_entropy_fwd", mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor target, int ignore_index, str reduction, int chunk_size,"
-    " bool want_grad_x, bool want_grad_w) -> (Tensor, Tensor?, Tensor?)",
-)
-def _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, want_grad_x, want_grad_w):
-    """The reduced loss and the gradients wanted, for grad_output = 1 ("mean" and "sum" only)."""
-    target, n_valid = _checked_target(target, weight.shape[0], ignore_index, _LCE_OP)
-    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
-    loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
-    return _reduce(loss_rows, n_valid, reduction, x.dtype), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
-
-
-@_linear_cross_entropy_fwd_op.register_fake
-def _(x, weight, target, ignore_index, reduction, chunk_size, want_grad_x, want_grad_w):
-    return _fake_loss(x, reduction), *_fake_grads(x, weight, want_grad_x, want_grad_w)
-
-
-@torch.library.custom_op(
-    "gpt_triton::linear_cross_entropy_bwd", mutates_args=(),
-    schema="(Tensor grad_output, Tensor x, Tensor weight, Tensor target, int ignore_index, int chunk_size,"
-    " bool want_grad_x, bool want_grad_w) -> (Tensor?, Tensor?)",
-)
-def _linear_cross_entropy_bwd_op(grad_output, x, weight, target, ignore_index, chunk_size, want_grad_x, want_grad_w):
-    """reduction="none": the chunks again, each row's gradient weighted by its grad_output. The forward
-    op has checked the targets."""
-    grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
-    target = target.to(torch.int64).contiguous()
-    _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size, grad_x, grad_w, row_weight=grad_output)
-    return grad_x, None if grad_w is None else grad_w.to(weight.dtype)
-
-
-@_linear_cross_entropy_bwd_op.register_fake
-def _(grad_output, x, weight, target, ignore_index, chunk_size, want_grad_x, want_grad_w):
-    return _fake_grads(x, weight, want_grad_x, want_grad_w)
-
-
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, target, ignore_index=-100, reduction="mean", chunk_size=None):
-        chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
-        ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
-        if reduction == "none":  # the losses only; backward runs the chunks again
-            ctx.save_for_backward(x, weight, target)
-            return _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, False, False)[0]
-        loss, grad_x, grad_w = _linear_cross_entropy_fwd_op(
-            x, weight, target, ignore_index, reduction, chunk_size, *ctx.needs_input_grad[:2]
-        )
-        ctx.save_for_backward(grad_x, grad_w)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            grad_x, grad_w = _linear_cross_entropy_bwd_op(
-                grad_output, *ctx.saved_tensors, ctx.ignore_index, ctx.chunk_size, *ctx.needs_input_grad[:2]
-            )
-        else:
-            grad_x, grad_w = _times_grad_output(grad_output, *ctx.saved_tensors)
-        return grad_x, grad_w, None, None, None, None
-
-
-def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction: str = "mean", chunk_size=None):
-    """cross_entropy(x @ weight.T, target, ...) without ever materializing the (N, V) logits.
-
-    x: (N, C) final hidden states, weight: (V, C) the LM head (nn.Linear's layout, no bias), target:
-    (N,). Rows are processed chunk_size at a time (default: chunks whose logits are about the size
-    of x). Same reductions, ignore_index rule and output dtype as `cross_entropy`."""
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad
-    ):
-        return LinearCrossEntropyFunction.apply(x, weight, target, ignore_index, reduction, chunk_size)
-    chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
-    return _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, False, False)[0]
-
-
-# ----------------------------------------------------------------------------------------------
 # Compile specs: the model's loss over GPT-2's vocabulary, (B*T, V) logits in the dtypes it trains
-# in: training (loss and gradient), evaluation (the loss only), and the LM head fused with the loss
-# (linear_cross_entropy: its matmuls are torch's, the kernel runs on each chunk of logits). The row
-# count only sizes the grid and the chunk loop, so linear_cross_entropy runs 1 row (its matmuls run
-# on the CPU here).
+# in: training (loss and gradient) and evaluation (the loss only). The LM head fused with the loss
+# has its own specs, in kernels/linear_cross_entropy.py.
 # ----------------------------------------------------------------------------------------------
-def _spec_call(dtype, grad: bool, linear: bool = False, C: int = 768):
+def _spec_call(dtype, grad: bool):
     def call():
-        N = 1 if linear else GPT2_CONTEXT
-        target = torch.randint(0, GPT2_VOCAB, (N,))
-        if linear:
-            x = torch.empty(N, C, dtype=dtype, requires_grad=grad)
-            w = torch.empty(GPT2_VOCAB, C, dtype=dtype, requires_grad=grad)
-            loss = linear_cross_entropy(x, w, target)
-        else:
-            loss = cross_entropy(torch.empty(N, GPT2_VOCAB, dtype=dtype, requires_grad=grad), target)
+        target = torch.randint(0, GPT2_VOCAB, (GPT2_CONTEXT,))
+        loss = cross_entropy(torch.empty(GPT2_CONTEXT, GPT2_VOCAB, dtype=dtype, requires_grad=grad), target)
         if grad:
             loss.backward()
 
@@ -550,8 +391,8 @@ def _spec_call(dtype, grad: bool, linear: bool = False, C: int = 768):
 
 
 COMPILE_SPECS = [
-    CompileSpec(f"cross_entropy.{case}.{DTYPE_NAMES[dt]}", _spec_call(dt, case != "eval", case == "linear"),
-                f"{case}: {1 if case == 'linear' else GPT2_CONTEXT} row(s) x {GPT2_VOCAB} classes, {DTYPE_NAMES[dt]}")
-    for case in ("train", "eval", "linear")
+    CompileSpec(f"cross_entropy.{case}.{DTYPE_NAMES[dt]}", _spec_call(dt, case == "train"),
+                f"{case}: {GPT2_CONTEXT} rows x {GPT2_VOCAB} classes, {DTYPE_NAMES[dt]}")
+    for case in ("train", "eval")
     for dt, _ in TRAIN_DTYPES
 ]

@@ -61,35 +61,15 @@ class TorchOps:
         return F.cross_entropy(F.linear(x, weight), target, ignore_index=ignore_index)
 
 
-def _linear_cross_entropy():
-    # The chunked LM-head loss is moving from kernels/cross_entropy.py to its own lesson file.
-    try:
-        from kernels.linear_cross_entropy import linear_cross_entropy
-    except ImportError:
-        from kernels.cross_entropy import linear_cross_entropy
-    return linear_cross_entropy
-
-
 _KERNELS = None
 
 
 def _kernels():
-    # Imported here, not at the top: the PyTorch path needs no Triton. Built once and kept: under
-    # torch.compile a namespace built inside the traced forward would be a graph break at every op.
+    # Imported here, not at the top: the PyTorch path needs no Triton. Built once (by FusedOps()), so
+    # that torch.compile, tracing a fused forward, only reads a global (it cannot trace SimpleNamespace()).
     global _KERNELS
-    if _KERNELS is None:
-        from types import SimpleNamespace
-
-        from kernels.bias_gelu import bias_gelu
-        from kernels.cross_entropy import cross_entropy
-        from kernels.decode_attention import decode_attention
-        from kernels.flash_attention import flash_attention
-        from kernels.layer_norm import add_layer_norm, layer_norm
-
-        _KERNELS = SimpleNamespace(flash_attention=flash_attention, decode_attention=decode_attention,
-                                   layer_norm=layer_norm, add_layer_norm=add_layer_norm, bias_gelu=bias_gelu,
-                                   cross_entropy=cross_entropy, linear_cross_entropy=_linear_cross_entropy())
-    return _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
 
 
 # What every script prints when --fused runs on a CPU (train.py, generate.py): one text, said once.

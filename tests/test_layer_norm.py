@@ -13,13 +13,13 @@ from kernels._common import as_rows
 from kernels.layer_norm import (
     COMPILE_SPECS,
     MAX_N,
-    _launch_config,
-    _layer_norm_bwd,
-    _layer_norm_fwd,
+    launch_config,
+    layer_norm_backward,
+    layer_norm_forward,
     add_layer_norm,
     layer_norm,
 )
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -45,9 +45,13 @@ def _check(x, w, b, dy=None):
         dy = torch.randn(x.shape, dtype=x.dtype)
     got = _fwd_bwd(layer_norm, x, w, b, dy)
     exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
-    torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
+    torch_ = list(_fwd_bwd(_torch_layer_norm, x, w, b, dy))
+    if w.dtype != x.dtype:
+        # Mixed precision (fp32 parameters, 16-bit activations): the baseline for the parameters'
+        # gradients is PyTorch's fp32 computation, not one cast down to 16 bits.
+        torch_[2:] = _fwd_bwd(_torch_layer_norm, x.float(), w, b, dy.float())[2:]
     for name, g, e, t in zip(("y", "dx", "dw", "db"), got, exact, torch_):
-        assert_close_to_reference(f"layer_norm {name} {x.dtype}", g, e, t)
+        assert_close_to_reference(f"layer_norm {name} {x.dtype}", g, e, t, atol=None)
     assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
     assert got[2].dtype == w.dtype and got[3].dtype == b.dtype
     assert got[1].shape == x.shape
@@ -68,7 +72,7 @@ def _params(N, dtype, seed=0):
         (3, 4096),  # MAX_N: the widest row, 16 warps
     ],
 )
-def test_matches_reference(dtype, shape):
+def test_matches_reference(launch_configs, dtype, shape):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
     _check(x, *_params(shape[-1], dtype))
@@ -87,7 +91,7 @@ def test_large_mean_rows():
     _check(torch.randn(5, 300) + 1000, *_params(300, torch.float32))
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(launch_configs):
     torch.manual_seed(3)
     w, b = _params(100, torch.float32)
     _check(torch.randn(9, 1000)[:, 100:877], *_params(777, torch.float32))  # column slice: rows 1000 apart
@@ -107,22 +111,22 @@ def test_broadcast_gradient():
                      x.double(), w.double(), b.double(), None)
     torch_ = _fwd_bwd(lambda *a: _torch_layer_norm(*a).mul(torch.arange(50.0)).sum(), x, w, b, None)
     for name, g, e, t in zip(("loss", "dx", "dw", "db"), got, exact, torch_):
-        assert_close_to_reference(f"layer_norm {name}", g, e, t)
+        assert_close_to_reference(f"layer_norm {name}", g, e, t, atol=None)
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(launch_configs):
     """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
     torch.manual_seed(5)
     M, N = 7, 777
     x, dy, (w, b) = torch.randn(M, N), torch.randn(M, N), _params(N, torch.float32)
     y, dx = poison_(torch.empty(M, N)), poison_(torch.empty(M, N))
     mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
-    _layer_norm_fwd(as_rows(x, N), w, b, 1e-5, y, mean, rstd)
-    dw, db = _layer_norm_bwd(as_rows(dy, N), as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
+    layer_norm_forward(as_rows(x, N), w, b, 1e-5, y, mean, rstd)
+    dw, db = layer_norm_backward(as_rows(dy, N), as_rows(x, N), w, mean, rstd, dx, w.dtype, b.dtype)
     exact = _fwd_bwd(reference.layer_norm, x.double(), w.double(), b.double(), dy.double())
     torch_ = _fwd_bwd(_torch_layer_norm, x, w, b, dy)
     for name, g, e, t in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), exact, torch_):
-        assert_close_to_reference(name, g, e, t)
+        assert_close_to_reference(name, g, e, t, atol=None)
     torch.testing.assert_close(mean, x.mean(-1))
     torch.testing.assert_close(rstd, torch.rsqrt(x.var(-1, unbiased=False) + 1e-5))
 
@@ -136,28 +140,32 @@ def test_no_rows():
     assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
 
 
-N8 = torch.ones(8)
+def n8(dtype=torch.float32):
+    return torch.ones(8, dtype=dtype)
 
 
+# Each case builds its tensors inside the test (a lambda), on the test's device: built at collection
+# time they would be CPU tensors, and on a GPU the device check would fire before the check under test.
 @pytest.mark.parametrize(
-    "x, w, b, kwargs, error, match",
+    "make, kwargs, error, match",
     [
-        (torch.randn(4, 8), torch.ones(9), N8, {}, ValueError, r"weight has shape \(9,\), expected \(8,\)"),
-        (torch.randn(4, 8), N8, torch.ones(1, 8), {}, ValueError, r"bias has shape \(1, 8\), expected \(8,\)"),
-        (torch.randn(()), torch.ones(1), torch.ones(1), {}, ValueError, "at least one dimension"),
-        (torch.randn(2, 0), torch.ones(0), torch.ones(0), {}, ValueError, "1 to 4096 elements"),
-        (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1), {}, ValueError, "1 to 4096"),
-        (torch.ones(4, 8, dtype=torch.int64), N8, N8, {}, TypeError, "x has dtype torch.int64"),
-        (torch.randn(4, 8), N8.double(), N8, {}, TypeError, "weight has dtype torch.float64"),
-        (torch.randn(4, 8, dtype=torch.bfloat16), N8.half(), N8, {}, TypeError, "weight must be float32 or x's"),
-        (torch.randn(4, 8), N8, torch.ones(8, device="meta"), {}, ValueError, "one device"),
-        (torch.randn(4, 8), N8, N8, {"eps": 0.0}, ValueError, "eps must be a positive number"),
-        (torch.randn(4, 8), N8, None, {}, TypeError, "bias must be a tensor"),
+        (lambda: (torch.randn(4, 8), torch.ones(9), n8()), {}, ValueError, r"weight has shape \(9,\), expected \(8,\)"),
+        (lambda: (torch.randn(4, 8), n8(), torch.ones(1, 8)), {}, ValueError, r"bias has shape \(1, 8\), expected \(8,\)"),
+        (lambda: (torch.randn(()), torch.ones(1), torch.ones(1)), {}, ValueError, "at least one dimension"),
+        (lambda: (torch.randn(2, 0), torch.ones(0), torch.ones(0)), {}, ValueError, "1 to 4096 elements"),
+        (lambda: (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1)), {}, ValueError, "1 to 4096"),
+        (lambda: (torch.ones(4, 8, dtype=torch.int64), n8(), n8()), {}, TypeError, "x has dtype torch.int64"),
+        (lambda: (torch.randn(4, 8), n8(torch.float64), n8()), {}, TypeError, "weight has dtype torch.float64"),
+        (lambda: (torch.randn(4, 8, dtype=torch.bfloat16), n8(torch.half), n8()), {}, TypeError,
+         "weight must be float32 or x's"),
+        (lambda: (torch.randn(4, 8), n8(), torch.ones(8, device="meta")), {}, ValueError, "one device"),
+        (lambda: (torch.randn(4, 8), n8(), n8()), {"eps": 0.0}, ValueError, "eps must be a positive number"),
+        (lambda: (torch.randn(4, 8), n8(), None), {}, TypeError, "bias must be a tensor"),
     ],
 )
-def test_bad_input(x, w, b, kwargs, error, match):
+def test_bad_input(make, kwargs, error, match):
     with pytest.raises(error, match=match):
-        layer_norm(x, w, b, **kwargs)
+        layer_norm(*make(), **kwargs)
 
 
 def test_torch_compile_traces_without_graph_breaks():
@@ -193,12 +201,21 @@ def _check_add(x, r, w, b, dh="randn", dy="randn"):
     got = _add_fwd_bwd(add_layer_norm, x, r, w, b, dh, dy)
     exact = _add_fwd_bwd(reference.add_layer_norm, *(t.double() for t in (x, r, w, b)),
                          *(None if g is None else g.double() for g in (dh, dy)))
-    torch_ = _add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy)
+    torch_ = list(_add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy))
+    if w.dtype != x.dtype and dy is not None:
+        # Mixed precision: the parameters' baseline is PyTorch's fp32 LayerNorm, as in _check, of h
+        # as autocast has it: x + r added in x's dtype (rounded). The kernel's dW and dB see that
+        # rounded h too: it is what the forward saves for the backward.
+        def add_then_fp32_ln(x, r, w, b):
+            h = x + r
+            return h, _torch_layer_norm(h.float(), w, b)
+
+        torch_[4:] = _add_fwd_bwd(add_then_fp32_ln, x, r, w, b, dh, None if dy is None else dy.float())[4:]
     for name, g, e, t in zip(("h", "y", "dx", "dresidual", "dw", "db"), got, exact, torch_):
         if e is None:
             assert g is None, f"add_layer_norm {name}: a gradient where PyTorch has none"
             continue
-        assert_close_to_reference(f"add_layer_norm {name} {x.dtype}", g, e, t)
+        assert_close_to_reference(f"add_layer_norm {name} {x.dtype}", g, e, t, atol=None)
     h, y, dx, dr, dw, db = got
     assert h.dtype == y.dtype == dx.dtype == dr.dtype == x.dtype
     assert h.shape == y.shape == dx.shape == dr.shape == x.shape
@@ -216,14 +233,14 @@ def _check_add(x, r, w, b, dh="randn", dy="randn"):
         ((1, 7, 768), torch.float32),  # GPT-2 124M's width, 7 rows; fp32 parameters (the model's case)
     ],
 )
-def test_add_matches_reference(dtype, shape, param_dtype):
+def test_add_matches_reference(launch_configs, dtype, shape, param_dtype):
     torch.manual_seed(10)
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
     r = torch.randn(shape, dtype=dtype)
     _check_add(x, r, *_params(shape[-1], param_dtype or dtype, seed=10))
 
 
-def test_add_non_contiguous_inputs():
+def test_add_non_contiguous_inputs(launch_configs):
     torch.manual_seed(11)
     w, b = _params(37, torch.float32, seed=11)
     x = torch.randn(9, 100)[:, 20:57]  # column slice: rows 100 apart
@@ -242,7 +259,7 @@ def test_add_gradient_into_one_output():
     _check_add(x, r, w, b, dy=None)
 
 
-def test_add_every_output_element_is_written():
+def test_add_every_output_element_is_written(launch_configs):
     """The launchers with a residual, into NaN-filled buffers."""
     torch.manual_seed(13)
     M, N = 7, 37
@@ -250,13 +267,13 @@ def test_add_every_output_element_is_written():
     w, b = _params(N, torch.float32)
     h, y, dx = (poison_(torch.empty(M, N)) for _ in range(3))
     mean, rstd = poison_(torch.empty(M)), poison_(torch.empty(M))
-    _layer_norm_fwd(x, w, b, 1e-5, y, mean, rstd, r, h)
-    dw, db = _layer_norm_bwd(dy, h, w, mean, rstd, dx, w.dtype, b.dtype, dh)
+    layer_norm_forward(x, w, b, 1e-5, y, mean, rstd, r, h)
+    dw, db = layer_norm_backward(dy, h, w, mean, rstd, dx, w.dtype, b.dtype, dh)
     exact = _add_fwd_bwd(reference.add_layer_norm, *(t.double() for t in (x, r, w, b, dh, dy)))
     torch_ = _add_fwd_bwd(_torch_add_layer_norm, x, r, w, b, dh, dy)
     for name, g, e, t in zip(("h", "y", "dx", "dw", "db"), (h, y, dx, dw, db), exact[:3] + exact[4:],
                              torch_[:3] + torch_[4:]):
-        assert_close_to_reference(name, g, e, t)
+        assert_close_to_reference(name, g, e, t, atol=None)
     torch.testing.assert_close(mean, (x + r).mean(-1))
     torch.testing.assert_close(rstd, torch.rsqrt((x + r).var(-1, unbiased=False) + 1e-5))
 
@@ -271,28 +288,34 @@ def test_add_no_rows():
     assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
 
 
-X48 = torch.randn(4, 8)
+def x48():
+    return torch.randn(4, 8)
 
 
 @pytest.mark.parametrize(
-    "x, r, w, b, error, match",
+    "make, error, match",
     [
-        (X48, torch.randn(4, 9), N8, N8, ValueError, r"add_layer_norm: residual has shape \(4, 9\), expected x's"),
-        (X48, torch.randn(8), N8, N8, ValueError, r"residual has shape \(8,\)"),  # no broadcasting
-        (X48, X48.bfloat16(), N8, N8, TypeError, "residual has dtype torch.bfloat16, expected x's torch.float32"),
-        (X48, torch.ones(4, 8, dtype=torch.int32), N8, N8, TypeError, "residual has dtype torch.int32; supported"),
-        (X48, None, N8, N8, TypeError, "add_layer_norm: residual must be a tensor"),
-        (X48, torch.randn(4, 8, device="meta"), N8, N8, ValueError, "add_layer_norm: all inputs must be on one device"),
-        (X48, X48, torch.ones(9), N8, ValueError, r"add_layer_norm: weight has shape \(9,\)"),
-        (torch.randn(4, 8, dtype=torch.half),) * 2 + (N8.bfloat16(), N8, TypeError, "weight must be float32 or x's"),
-        (torch.randn(2, MAX_N + 1),) * 2 + (torch.ones(MAX_N + 1),) * 2 + (ValueError, "1 to 4096 elements"),
+        (lambda: (x48(), torch.randn(4, 9), n8(), n8()), ValueError,
+         r"add_layer_norm: residual has shape \(4, 9\), expected x's"),
+        (lambda: (x48(), torch.randn(8), n8(), n8()), ValueError, r"residual has shape \(8,\)"),  # no broadcasting
+        (lambda: (x48(), x48().bfloat16(), n8(), n8()), TypeError,
+         "residual has dtype torch.bfloat16, expected x's torch.float32"),
+        (lambda: (x48(), torch.ones(4, 8, dtype=torch.int32), n8(), n8()), TypeError,
+         "residual has dtype torch.int32; supported"),
+        (lambda: (x48(), None, n8(), n8()), TypeError, "add_layer_norm: residual must be a tensor"),
+        (lambda: (x48(), torch.randn(4, 8, device="meta"), n8(), n8()), ValueError,
+         "add_layer_norm: all inputs must be on one device"),
+        (lambda: (x48(), x48(), torch.ones(9), n8()), ValueError, r"add_layer_norm: weight has shape \(9,\)"),
+        (lambda: (torch.randn(4, 8, dtype=torch.half),) * 2 + (n8(torch.bfloat16), n8()), TypeError,
+         "weight must be float32 or x's"),
+        (lambda: (torch.randn(2, MAX_N + 1),) * 2 + (torch.ones(MAX_N + 1),) * 2, ValueError, "1 to 4096 elements"),
     ],
 )
-def test_add_bad_input(x, r, w, b, error, match):
+def test_add_bad_input(make, error, match):
     with pytest.raises(error, match=match):
-        add_layer_norm(x, r, w, b)
+        add_layer_norm(*make())
     with pytest.raises(ValueError, match="add_layer_norm: eps must be a positive number"):
-        add_layer_norm(X48, X48, N8, N8, eps=-1.0)
+        add_layer_norm(x48(), x48(), n8(), n8(), eps=-1.0)
 
 
 def test_add_torch_compile_traces_without_graph_breaks():
