@@ -3,6 +3,7 @@
 Every case fills the cache past each sequence's length with NaN / inf garbage: one leaked element
 would turn the output non-finite. Lengths include the extremes (seq_len == Tq: the query sees only
 its own keys; seq_len == L_max: the full cache). Head dim 80 is not a power of 2 (masked to 128).
+Inputs, bad ones too, are made inside each test on the test device (see test_flash_attention.py).
 """
 
 import math

@@ -1,5 +1,12 @@
 """flash_attention forward and backward against float64, by FlashAttention's rule: the kernel's error
-must be within 2x PyTorch's error computing the same attention in the same dtype."""
+must be within 2x PyTorch's error computing the same attention in the same dtype.
+
+Every input is made inside its test on the test device (accuracy.DEVICE: the GPU when there is one,
+else the CPU and Triton's interpreter), never at collection time. On a GPU, fp32 runs as in the
+interpreter: the kernels' fp32 dots are input_precision="ieee" (never TF32) and PyTorch's fp32 matmul
+is IEEE by default, so one tolerance holds both ways; tl.exp2 is approximate on a GPU (a few ulp),
+so no test expects a kernel's result to equal PyTorch's exactly, only a kernel's own other runs.
+"""
 
 import math
 
@@ -17,7 +24,7 @@ from kernels.flash_attention import (
     _pruner,
     flash_attention,
 )
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import DEVICE, assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
 
 
 def _fwd_bwd(fn, q, k, v, do, **kw):
@@ -154,6 +161,72 @@ def test_every_block_shape_writes_every_output(causal):
             assert_close_to_reference(f"{name} {bm}x{bn}", got, want, ref)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# (BLOCK_M, BLOCK_N) pairs for the skipping proof: oblong both ways, and square.
+SKIP_PAIRS = [(16, 32), (32, 16), (64, 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("Tq,Tk", [(144, 144), (130, 210)], ids=["square", "prefill"])
+def test_causal_block_skipping_proved(Tq, Tk):
+    """The tiles above the diagonal are never loaded, shown with NaN rather than assumed.
+
+    A skipped tile that were loaded anyway and masked would still turn an output NaN: its scores are
+    masked to -inf, but its NaN values meet p = 0 in the P @ V dot, and 0 * NaN = NaN. So:
+      * keys: K and V poisoned from the first key tile that no query row below a query-tile boundary
+        c can see; O, LSE and dQ of rows < c must equal the clean run's bit for bit;
+      * queries: Q and dO poisoned in rows < c; every key tile that starts past row c's diagonal is
+        visited only by rows >= c, so its dK and dV (and O, dQ of rows >= c) must equal the clean run's.
+    Both for Tq == Tk and for a prefill against a longer cache (bottom-right diagonal offset 80).
+    Each run also checks that the poison does reach the rows that read it, so the test can fail."""
+    D, diag = 16, Tk - Tq
+    sm_scale = 1.0 / math.sqrt(D)
+    q, k, v, do = _qkvdo(1, 1, Tq, Tk, D, torch.float32, seed=6)
+
+    def run(q, k, v, do, config):
+        o, lse = _flash_attention_fwd(q, k, v, True, sm_scale, config=config)
+        dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, True, sm_scale, config=config)
+        return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
+
+    def assert_same(name, got, want):
+        assert torch.isfinite(got).all(), f"{name}: a skipped tile was loaded (NaN leaked)"
+        assert torch.equal(got, want), f"{name}: differs from the unpoisoned run"
+
+    for bm, bn in SKIP_PAIRS:
+        config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+        clean = run(q, k, v, do, config)
+        c = bm * max(1, (Tq // 2) // bm)  # a query-tile boundary inside the sequence
+        label = f"{bm}x{bn} Tq={Tq} Tk={Tk} c={c}"
+
+        # Keys: rows < c see keys <= c - 1 + diag; the tile holding that key is the last one loaded.
+        key_cut = _round_up(c + diag, bn)
+        assert key_cut < Tk, label
+        kp, vp = k.clone(), v.clone()
+        kp[..., key_cut:, :] = float("nan")
+        vp[..., key_cut:, :] = float("nan")
+        got = run(q, kp, vp, do, config)
+        assert torch.isnan(got["o"][..., -1, :]).all(), f"{label}: the last row must see the poison"
+        for name, rows in (("o", slice(0, c)), ("dq", slice(0, c))):
+            assert_same(f"{name}[:{c}] {label}", got[name][..., rows, :], clean[name][..., rows, :])
+        assert_same(f"lse[:{c}] {label}", got["lse"][..., :c], clean["lse"][..., :c])
+
+        # Queries: key tiles starting at or past c + diag are seen by no row < c.
+        first_key = _round_up(c + diag, bn)
+        assert first_key < Tk, label
+        qp, dop = q.clone(), do.clone()
+        qp[..., :c, :] = float("nan")
+        dop[..., :c, :] = float("nan")
+        got = run(qp, k, v, dop, config)
+        assert torch.isnan(got["dk"][..., 0, :]).all(), f"{label}: key 0 must see the poisoned rows"
+        for name, rows in (("o", slice(c, None)), ("dq", slice(c, None)),
+                           ("dk", slice(first_key, None)), ("dv", slice(first_key, None))):
+            assert_same(f"{name}[{rows.start}:] {label}", got[name][..., rows, :], clean[name][..., rows, :])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_autotuner_picks_only_what_compile_specs_list(dtype, head_dim):
@@ -179,30 +252,35 @@ def test_zero_batch_returns_empty():
 
 
 def _bad(**overrides):
+    """q, k, v of shape (1, 2, 8, 32) fp32 on the test device, with some shapes or dtypes overridden.
+    Built inside each test, never at collection time: a CPU tensor handed to a GPU run would trip
+    the device check first, and every other expected message would be wrong."""
     shapes = dict(q=(1, 2, 8, 32), k=(1, 2, 8, 32), v=(1, 2, 8, 32))
     dtypes = dict(q=torch.float32, k=torch.float32, v=torch.float32)
     for name, value in overrides.items():
         (dtypes if isinstance(value, torch.dtype) else shapes)[name] = value
-    return [torch.randn(shapes[n]).to(dtypes[n]) for n in ("q", "k", "v")]
+    g = seeded(5)
+    return [torch.randn(shapes[n], generator=g, device=DEVICE).to(dtypes[n]) for n in ("q", "k", "v")]
 
 
 @pytest.mark.parametrize(
-    "args,kwargs,error,match",
+    "overrides,kwargs,error,match",
     [
-        (_bad(q=torch.int32, k=torch.int32, v=torch.int32), {}, TypeError, "dtype"),
-        (_bad(k=torch.float16), {}, TypeError, "one dtype"),
-        (_bad(q=(2, 8, 32)), {}, ValueError, "4-D"),
-        (_bad(v=(1, 2, 9, 32)), {}, ValueError, "same shape"),
-        (_bad(k=(1, 3, 8, 32), v=(1, 3, 8, 32)), {}, ValueError, "batch, heads and head dim"),
-        (_bad(q=(2, 2, 8, 32)), {}, ValueError, "batch, heads and head dim"),
-        (_bad(q=(1, 2, 0, 32)), {}, ValueError, ">= 1"),
-        (_bad(q=(1, 2, 8, 8), k=(1, 2, 8, 8), v=(1, 2, 8, 8)), {}, ValueError, "head dim 8"),
-        (_bad(q=(1, 2, 8, 256), k=(1, 2, 8, 256), v=(1, 2, 8, 256)), {}, ValueError, "head dim 256"),
-        (_bad(q=(1, 2, 9, 32)), {"causal": True}, ValueError, "Tk >= Tq"),
-        (_bad(), {"sm_scale": float("nan")}, ValueError, "sm_scale"),
+        (dict(q=torch.int32, k=torch.int32, v=torch.int32), {}, TypeError, "dtype"),
+        (dict(k=torch.float16), {}, TypeError, "one dtype"),
+        (dict(q=(2, 8, 32)), {}, ValueError, "4-D"),
+        (dict(v=(1, 2, 9, 32)), {}, ValueError, "same shape"),
+        (dict(k=(1, 3, 8, 32), v=(1, 3, 8, 32)), {}, ValueError, "batch, heads and head dim"),
+        (dict(q=(2, 2, 8, 32)), {}, ValueError, "batch, heads and head dim"),
+        (dict(q=(1, 2, 0, 32)), {}, ValueError, ">= 1"),
+        (dict(q=(1, 2, 8, 8), k=(1, 2, 8, 8), v=(1, 2, 8, 8)), {}, ValueError, "head dim 8"),
+        (dict(q=(1, 2, 8, 256), k=(1, 2, 8, 256), v=(1, 2, 8, 256)), {}, ValueError, "head dim 256"),
+        (dict(q=(1, 2, 9, 32)), {"causal": True}, ValueError, "Tk >= Tq"),
+        (dict(), {"sm_scale": float("nan")}, ValueError, "sm_scale"),
     ],
 )
-def test_bad_inputs_raise(args, kwargs, error, match):
+def test_bad_inputs_raise(overrides, kwargs, error, match):
+    args = _bad(**overrides)
     with pytest.raises(error, match=match):
         flash_attention(*args, **kwargs)
 
