@@ -106,8 +106,10 @@ PROGRAMS_PER_SM = 2  # enough resident programs per SM to hide memory latency
 COMBINE_BLOCK_S = 16  # splits the combine kernel merges per step
 NUM_WARPS = 4
 NUM_STAGES = 2
-# The interpreter has no SMs; pretend an H100 so that CPU runs pick the splits a GPU would.
-_NOMINAL_SM_COUNT = 132
+# Triton's interpreter runs programs one after another in Python, each tile operation costing about a
+# millisecond whatever its size, so off-GPU a launch is fastest as few programs with long tiles: one
+# split per (sequence, head), keys in steps of up to this many (the kernel code is the same).
+INTERPRETER_MAX_BLOCK_N = 1024
 
 LOG2E = 1.4426950408889634
 
@@ -263,24 +265,19 @@ def _decode_attention_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-def _block_config(Tq: int, D: int) -> dict:
-    """The constexprs the launcher picks (every combination is listed in COMPILE_SPECS)."""
+def _block_config(Tq: int, D: int, L_max: int | None = None) -> dict:
+    """The constexprs the launcher picks (every GPU combination is listed in COMPILE_SPECS); with
+    L_max given and the interpreter on, its long key tiles instead."""
     block_d = max(64, next_power_of_2(D))
     block_t = 1 if Tq == 1 else 16
-    return {
-        "BLOCK_T": block_t,
+    if INTERPRET and L_max is not None:
+        block_n = min(max(next_power_of_2(L_max), 16), INTERPRETER_MAX_BLOCK_N)
+    else:
         # Tq == 1: 4096-element K/V tiles, 32 fp32 registers per thread at 4 warps, for either head
         # dim. The dot path also holds a (16, BLOCK_N) score tile and dot-operand copies: half that
         # (fp32 at D = 128 with 32 keys needs 255 registers on sm_90 and spills).
-        "BLOCK_N": (4096 if block_t == 1 else 2048) // block_d,
-        "BLOCK_D": block_d,
-    }
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _NOMINAL_SM_COUNT
+        block_n = (4096 if block_t == 1 else 2048) // block_d
+    return {"BLOCK_T": block_t, "BLOCK_N": block_n, "BLOCK_D": block_d}
 
 
 def _choose_splits(L_max: int, BH: int, block_n: int, sm_count: int) -> int:
@@ -295,9 +292,11 @@ def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_sp
     """Launch split + combine on validated inputs. `num_splits` overrides the heuristic (tests)."""
     B, H, Tq, D = q.shape
     L_max = k_cache.shape[2]
-    cfg = _block_config(Tq, D)
+    cfg = _block_config(Tq, D, L_max)
     if num_splits is None:
-        num_splits = _choose_splits(L_max, B * H, cfg["BLOCK_N"], _sm_count(q.device))
+        on_gpu = q.device.type == "cuda"
+        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else 0
+        num_splits = _choose_splits(L_max, B * H, cfg["BLOCK_N"], sm_count) if on_gpu else 1
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -313,6 +312,8 @@ def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_sp
             **cfg, DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
+        if num_splits == 1:  # one split's output is already the softmax over every key: no combine
+            return o_part.view(B, H, Tq, D).to(q.dtype)
         _decode_attention_combine_kernel[(B * H * Tq,)](
             o_part, lse_part, out, *out.stride(),
             H, Tq, num_splits, D,
