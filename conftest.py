@@ -1,7 +1,6 @@
 """Test-session setup shared by tests/ and bench/ (pytest loads this before any test module)."""
 
 import os
-from pathlib import Path
 
 # Triton's interpreter runs each tile's matmul through NumPy: tiny products for which multithreaded
 # BLAS costs far more in thread hand-offs than it saves (up to 1000x on a loaded 2-core machine).
@@ -9,13 +8,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
-
 # Off-GPU, kernels run in Triton's interpreter; the switch must be set before any kernel is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# tiktoken cannot download its vocabulary here: use the copy beside the checkout (or one carried in).
-for cache in (ROOT.parent / "shared" / "tiktoken_cache", ROOT / ".tiktoken_cache"):
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)

@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="A GPT-2 style language model from scratch in PyTorch, with hand-written Triton kernels.",
     packages=find_packages(include=["model", "model.*", "kernels", "kernels.*"]),
+    # GPT-2's BPE files (model/tokenizer.py): the tokenizer needs no download.
+    package_data={"model": ["gpt2_bpe/*"]},
     python_requires=">=3.10",
     # torch is not pinned here on purpose: an unpinned `torch` would pull a multi-GB CUDA build on a
     # CPU machine. README's install command pins the CPU wheel; a GPU machine brings its own torch.

@@ -75,6 +75,30 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------------------------
+# The lesson's counts: the docstring's traffic as code, for any shape (checked against a trace of the
+# interpreter by tests/test_explain.py; printed by `python scripts/explain.py cross_entropy`). Bytes
+# are what the program of each row requests. No tl.dot here.
+# ----------------------------------------------------------------------------------------------
+def memory_traffic(kernel: str, N: int, V: int, x_bytes: int, n_valid: int, has_grad: bool = True) -> dict:
+    """{kernel argument: (bytes read, bytes written)} of one launch of "fwd" over N rows of V logits,
+    n_valid of them not ignored: each such row is read once for its log-sum-exp, once more for the
+    gradient (with has_grad), plus its target logit; an ignored row reads nothing but its target and
+    writes zeros. Targets are int64, losses fp32."""
+    if kernel != "fwd":
+        raise ValueError(f"unknown kernel {kernel!r}")
+    reads_per_row = V * (2 if has_grad else 1) + 1
+    return {"LOGITS": (n_valid * reads_per_row * x_bytes, 0), "TARGET": (N * 8, 0), "LOSS": (0, N * 4),
+            **({"GRAD": (0, N * V * x_bytes)} if has_grad else {})}
+
+
+def flops(kernel: str, *args, **kwargs) -> int:
+    """FLOPs of tl.dots: none (a few per logit, free next to the bytes)."""
+    if kernel != "fwd":
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -333,6 +357,34 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
 # Both passes are custom ops, like the kernel's, for torch.compile: the chunk loop launches the
 # kernel, checks the targets and fills its buffers in place, none of which a graph can trace.
 _LCE_OP = "linear_cross_entropy"
+
+
+# The lesson's counts for linear_cross_entropy (a section of its own until it has a file of its own):
+# the chunk loop's torch matmuls (cuBLAS on a GPU: counted as eager ops, each reading its operands
+# and writing its result) and its launches of the kernel above, for "mean" or "sum".
+def linear_cross_entropy_memory_traffic(N: int, C: int, V: int, x_bytes: int, n_valid: int, chunk_size: int,
+                                        want_grad: bool = True) -> dict:
+    """{"matmul": (read, written) over the chunk loop's matmuls, "add_": the same for its fp32 dW
+    accumulation, and each kernel argument summed over the chunks' launches}. Per chunk of n rows:
+    logits = x_c W^T reads x_c and W, writes n x V; with the gradient also d x_c = g W (reads g and W,
+    writes n x C) and g^T x_c (reads g and x_c, writes V x C), which `grad_w +=` adds into the fp32
+    (V, C) accumulator (reads both, writes it). So W is read 3 times and dW read and written once per
+    chunk: the price of never holding all the logits, and with chunks of about V / C rows (the
+    default) it is most of the traffic."""
+    e, chunks = x_bytes, -(-N // chunk_size)
+    read, written = N * C * e + chunks * V * C * e, N * V * e  # logits
+    acc = (0, 0)
+    if want_grad:
+        read += (N * V * e + chunks * V * C * e) + (N * V * e + N * C * e)
+        written += N * C * e + chunks * V * C * e
+        acc = (chunks * V * C * (4 + e), chunks * V * C * 4)
+    return {"matmul": (read, written), "add_": acc, **memory_traffic("fwd", N, V, e, n_valid, want_grad)}
+
+
+def linear_cross_entropy_flops(N: int, C: int, V: int, want_grad: bool = True) -> int:
+    """2 N V C for the logits, as much again for each of d x and d W with the gradient."""
+    return 2 * N * V * C * (3 if want_grad else 1)
+
 
 
 def _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x=None, grad_w=None, row_weight=None):

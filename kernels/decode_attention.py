@@ -115,6 +115,48 @@ LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
+# The lesson's counts: the docstring's traffic and FLOPs as code, for any shape, lengths and blocks
+# (checked against a trace of the interpreter by tests/test_explain.py; printed by
+# `python scripts/explain.py decode_attention`). Bytes are what the programs request.
+# ----------------------------------------------------------------------------------------------
+def split_ranges(L_max: int, seq_len: int, BLOCK_N: int, num_splits: int) -> list:
+    """The key range [lo, hi) each split of one sequence reads (hi <= lo: an empty split), as the
+    split kernel deals the cdiv(L_max, BLOCK_N) key blocks out."""
+    n_blocks = -(-L_max // BLOCK_N)
+    return [((s * n_blocks // num_splits) * BLOCK_N, min(((s + 1) * n_blocks // num_splits) * BLOCK_N, seq_len))
+            for s in range(num_splits)]
+
+
+def memory_traffic(kernel: str, H: int, Tq: int, D: int, dtype_bytes: int, seq_lens: list,
+                   num_splits: int) -> dict:
+    """{kernel argument: (bytes read, bytes written)} of one launch of `kernel` ("fwd": the splits,
+    "combine"). seq_lens: the B sequence lengths. The cache is read exactly once up to each length;
+    each split program re-reads its Tq queries and its sequence's length, and writes fp32 partials."""
+    e, f, B = dtype_bytes, 4, len(seq_lens)
+    programs = B * H * num_splits
+    if kernel == "fwd":
+        cache = H * sum(seq_lens) * D * e
+        return {"Q": (programs * Tq * D * e, 0), "K": (cache, 0), "V": (cache, 0), "SeqLens": (programs * 4, 0),
+                "O_part": (0, programs * Tq * D * f), "LSE_part": (0, programs * Tq * f)}
+    if kernel == "combine":
+        return {"O_part": (programs * Tq * D * f, 0), "LSE_part": (programs * Tq * f, 0),
+                "Out": (0, B * H * Tq * D * e)}
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def flops(kernel: str, H: int, Tq: int, D: int, seq_lens: list, num_splits: int, L_max: int,
+          BLOCK_T: int, BLOCK_N: int, BLOCK_D: int) -> int:
+    """FLOPs of the tl.dots: none for Tq == 1 (BLOCK_T = 1: broadcast-multiply-and-sum, 4 L D FLOPs per
+    query, no tensor cores); otherwise two (BLOCK_T x BLOCK_D) x (BLOCK_D x BLOCK_N) dots per key block
+    a split visits, padding rows included."""
+    if kernel == "combine" or BLOCK_T == 1:
+        return 0
+    blocks = sum(-(-(hi - lo) // BLOCK_N) for n in seq_lens
+                 for lo, hi in split_ranges(L_max, n, BLOCK_N, num_splits) if hi > lo)
+    return H * blocks * 2 * (2 * BLOCK_T * BLOCK_N * BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit

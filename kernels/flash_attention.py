@@ -26,8 +26,9 @@ A forward pass of the whole model at batch 8 runs 8 * 12 layers * 12 heads = 115
 9 GiB of traffic unfused against about 0.6 GiB fused (at 2 TB/s, ~4.7 ms against ~0.3 ms), and
 2.25 GiB of saved probabilities against 4.5 MiB of log-sum-exps. Each program instance owns a
 BLOCK_M-row tile of queries and streams BLOCK_N-row tiles of k and v past it through SRAM; q, the
-running statistics and the output accumulator stay in registers. k and v are re-read once per query
-tile (T / BLOCK_M times), but one head's k and v are 256 KiB, so those re-reads are served by L2.
+running statistics and the output accumulator stay in registers. k and v are re-read by every query
+tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask: 8.5 with 64-row
+tiles), but one head's k and v are 256 KiB, so those re-reads are served by L2.
 
 The online softmax
 ------------------
@@ -186,6 +187,84 @@ def _pruner(kernel: str):
         return [c for c in configs if key(c) in wanted] or configs[:1]
 
     return prune
+
+
+# ----------------------------------------------------------------------------------------------
+# The lesson's counts: the docstring's traffic and FLOPs as code, for any shape and block sizes.
+# tests/test_explain.py checks them against a trace of every load, store and dot in the interpreter;
+# `python scripts/explain.py flash_attention` prints both. Bytes are what the programs request (k and
+# v re-read once per query tile: on a GPU mostly from L2); FLOPs are those of the tile products,
+# 2 * M * N * K per tl.dot, padding included (BLOCK_D = the head dim rounded up to a power of 2).
+# ----------------------------------------------------------------------------------------------
+def _block_d(D: int) -> int:
+    return max(next_power_of_2(D), 16)
+
+
+def visited_tiles(Tq: int, Tk: int, BLOCK_M: int, BLOCK_N: int, causal: bool = True) -> int:
+    """(query tile, key tile) pairs the forward (and the dQ kernel) computes per (batch, head):
+    sum over query tiles i of cdiv(min((i + 1) BLOCK_M, Tq) + Tk - Tq, BLOCK_N) when causal. When
+    BLOCK_M = r BLOCK_N and BLOCK_M divides Tq (n query tiles), that is r n (n + 1) / 2 + n cdiv(Tk - Tq,
+    BLOCK_N): about half of the n_q * n_k pairs of non-causal attention when Tq == Tk."""
+    n_k = -(-Tk // BLOCK_N)
+    if not causal:
+        return -(-Tq // BLOCK_M) * n_k
+    return sum(-(-(min(m0 + BLOCK_M, Tq) + Tk - Tq) // BLOCK_N) for m0 in range(0, Tq, BLOCK_M))
+
+
+def _dkdv_query_start(start_n: int, Tq: int, Tk: int, BLOCK_M: int, causal: bool) -> int:
+    """The first query row the dK/dV program of key tile start_n loads (lo in the kernel)."""
+    return (max(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M if causal else 0
+
+
+def memory_traffic(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, dtype_bytes: int,
+                   BLOCK_M: int, BLOCK_N: int, causal: bool = True) -> dict:
+    """{kernel argument: (bytes read, bytes written)} of one launch of `kernel` ("fwd",
+    "bwd_preprocess", "bwd_dkdv", "bwd_dq"); LSE and DELTA are fp32, the rest dtype_bytes."""
+    e, f = dtype_bytes, 4
+    rows_q = [min(BLOCK_M, Tq - m0) for m0 in range(0, Tq, BLOCK_M)]  # real rows of each query tile
+
+    def keys_loaded(m0):  # key rows a query tile loads: every visited tile, cut at Tk
+        hi = min(m0 + BLOCK_M, Tq) + (Tk - Tq) if causal else Tk
+        return min(-(-hi // BLOCK_N) * BLOCK_N, Tk)
+
+    bh = B * H
+    if kernel == "fwd":
+        kv = bh * sum(keys_loaded(m0) for m0 in range(0, Tq, BLOCK_M)) * D * e
+        q = bh * Tq * D * e
+        return {"Q": (q, 0), "K": (kv, 0), "V": (kv, 0), "O": (0, q), "LSE": (0, bh * Tq * f)}
+    if kernel == "bwd_preprocess":
+        return {"O": (bh * Tq * D * e, 0), "DO": (bh * Tq * D * e, 0), "DELTA": (0, bh * Tq * f)}
+    if kernel == "bwd_dkdv":
+        # Each key tile walks the query tiles from the first that sees it to the end.
+        q_rows = bh * sum(Tq - _dkdv_query_start(n0, Tq, Tk, BLOCK_M, causal) for n0 in range(0, Tk, BLOCK_N))
+        kv = bh * Tk * D * e
+        return {"Q": (q_rows * D * e, 0), "K": (kv, 0), "V": (kv, 0), "DO": (q_rows * D * e, 0),
+                "DK": (0, kv), "DV": (0, kv), "LSE": (q_rows * f, 0), "DELTA": (q_rows * f, 0)}
+    if kernel == "bwd_dq":
+        kv = bh * sum(keys_loaded(m0) for m0 in range(0, Tq, BLOCK_M)) * D * e
+        q = bh * Tq * D * e
+        return {"Q": (q, 0), "K": (kv, 0), "V": (kv, 0), "DO": (q, 0), "DQ": (0, q),
+                "LSE": (bh * Tq * f, 0), "DELTA": (bh * Tq * f, 0)}
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, BLOCK_N: int,
+          causal: bool = True) -> int:
+    """FLOPs of the tl.dots of one launch: per visited tile pair, 2 dots in the forward (q k^T, P v),
+    4 in dK/dV (q k^T, P^T dO, dO v^T, dS^T q), 3 in dQ (q k^T, dO v^T, dS k), each 2 BLOCK_M BLOCK_N
+    BLOCK_D."""
+    tile = 2 * BLOCK_M * BLOCK_N * _block_d(D)
+    if kernel == "fwd":
+        return B * H * visited_tiles(Tq, Tk, BLOCK_M, BLOCK_N, causal) * 2 * tile
+    if kernel == "bwd_preprocess":
+        return 0
+    if kernel == "bwd_dkdv":
+        n_q = -(-Tq // BLOCK_M)
+        pairs = sum(n_q - _dkdv_query_start(n0, Tq, Tk, BLOCK_M, causal) // BLOCK_M for n0 in range(0, Tk, BLOCK_N))
+        return B * H * pairs * 4 * tile
+    if kernel == "bwd_dq":
+        return B * H * visited_tiles(Tq, Tk, BLOCK_M, BLOCK_N, causal) * 3 * tile
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 # ----------------------------------------------------------------------------------------------

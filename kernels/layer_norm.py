@@ -47,6 +47,8 @@ Memory traffic (GPT-2 124M, B*T = 8192 rows, C = 768, bf16: one (8192, 768) tens
         read x, write y (+ 64 KB of mean/rstd)                            forward  2 x 12.6 MB =  25 MB
         read x and dY, write dX; partial sums 2 x 264 x 1536 x 4 B        backward 3 x 12.6 MB + 3.2 MB
         (264 groups = 2 per SM on a 132-SM H100)                                               =  41 MB
+(w and b, 2 x 3 KB in fp32, are loaded by every row's program: 8192 x 6 KB = 50 MB requested, but
+from L2, not HBM; `python scripts/explain.py layer_norm` counts both.)
 The book's formula's backward is worse still: autograd keeps x - mean, the (M, 1) statistics and
 xhat alive and walks each elementwise op backwards. GPT-2 124M runs 25 LayerNorms per forward (two per
 block and the final one), so fused LayerNorm moves 0.6 GB a forward instead of 3.2 GB.
@@ -110,6 +112,42 @@ import triton.language as tl  # noqa: E402
 
 _OP = "layer_norm"
 _ADD_OP = "add_layer_norm"
+
+
+# ----------------------------------------------------------------------------------------------
+# The lesson's counts: the docstring's traffic as code, for any shape, dtypes and row grouping (checked
+# against a trace of the interpreter by tests/test_explain.py; printed by `python scripts/explain.py
+# layer_norm`). Bytes are what the programs request: w and b are re-read by every row's program
+# (N values each, from L2 on a GPU). No tl.dot here: FLOPs are a few per element, never the bound.
+# ----------------------------------------------------------------------------------------------
+def memory_traffic(kernel: str, M: int, N: int, x_bytes: int, w_bytes: int, residual: bool = False,
+                   n_groups: int = 1) -> dict:
+    """{kernel argument: (bytes read, bytes written)} of one launch of `kernel`: "fwd" (one program
+    per row), "bwd" (n_groups programs, each a group of rows) or "sum_partials" (its dW/dB reduction).
+    x_bytes: x's (and dY's) element size; w_bytes: the weight's and bias's; residual: add_layer_norm."""
+    t, f = M * N * x_bytes, 4
+    if kernel == "fwd":
+        out = {"X": (t, 0), "W": (M * N * w_bytes, 0), "B": (M * N * w_bytes, 0), "Y": (0, t),
+               "MEAN": (0, M * f), "RSTD": (0, M * f)}
+        if residual:
+            out.update(R=(t, 0), H=(0, t))
+        return out
+    if kernel == "bwd":
+        out = {"X": (t, 0), "W": (n_groups * N * w_bytes, 0), "DY": (t, 0), "DX": (0, t),
+               "MEAN": (M * f, 0), "RSTD": (M * f, 0), "PARTIAL": (0, n_groups * 2 * N * f)}
+        if residual:
+            out["DH"] = (t, 0)
+        return out
+    if kernel == "sum_partials":  # the (n_groups, 2N) fp32 partials -> dW and dB, fp32
+        return {"PARTIAL": (n_groups * 2 * N * f, 0), "OUT": (0, 2 * N * f)}
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def flops(kernel: str, *args, **kwargs) -> int:
+    """FLOPs of tl.dots: LayerNorm has none (its ~10 FLOPs per element are free next to its bytes)."""
+    if kernel not in ("fwd", "bwd", "sum_partials"):
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

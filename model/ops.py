@@ -71,6 +71,10 @@ def _kernels():
                            add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy)
 
 
+# What every script prints when --fused runs on a CPU (train.py, generate.py): one text, said once.
+INTERPRETER_NOTICE = "note: --fused on CPU runs the Triton kernels in Triton's interpreter: slow, meant for checking"
+
+
 class FusedOps:
     """The Triton kernels of `kernels/`. Imported lazily: the PyTorch path needs no Triton."""
 

@@ -5,9 +5,16 @@
 
 Several files (a session split into runs that each fit a time limit, e.g. `BENCH_ARGS="-k attention"`)
 are merged into one report; they must come from the same device. Writes DIR/report.md (default: the
-first JSON's folder) and, per kernel and pass, DIR/<kernel>_<pass>.png:
-throughput (TFLOP/s or GB/s) against size, one line per implementation, like the plots of the
-Triton tutorials. Reads only what the benches put in `extra_info` (see bench/bench_util.py):
+first JSON's folder) and the plots:
+
+  DIR/<kernel>_<pass>.png  per kernel and pass: throughput (TFLOP/s or GB/s) against size, one line per
+                           implementation, like the plots of the Triton tutorials (GPU runs: on a CPU
+                           the kernel benches are skipped, as the interpreter's times say nothing)
+  DIR/end_to_end.png       tokens/s of every end-to-end bench (training step; generation with and
+                           without the KV cache), one panel per bench: on any machine, a CPU included
+
+and prints each file it wrote, or why it wrote no plot. Reads only what the benches put in
+`extra_info` (see bench/bench_util.py):
 
   kernel benches:      kernel, pass, impl, x_label, size, metric, value, vs_<baseline>, peak_extra_mb
   end-to-end benches:  bench ("train" / "generate"), impl, tokens_per_s, mfu, vs_<baseline>, ...
@@ -131,6 +138,72 @@ def e2e_tables(benchmarks: list[dict]) -> list[str]:
     return lines
 
 
+E2E_PLOT = "end_to_end.png"
+# Fields that tell an end-to-end bench's rows apart on the plot's x axis (when they vary within it).
+E2E_LABELS = {"impl": "{}", "batch": "B={}", "seq_len": "T={}", "prompt_tokens": "prompt {}",
+              "new_tokens": "{} new", "dtype": "{}"}
+
+
+def e2e_throughputs(benchmarks: list[dict]) -> dict[str, list[dict]]:
+    """{bench: [extra_info, ...]} of the end-to-end rows that have a tokens/s figure."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for b in benchmarks:
+        ei = b.get("extra_info") or {}
+        if "bench" in ei and isinstance(ei.get("tokens_per_s"), (int, float)):
+            groups[ei["bench"]].append(ei)
+    return dict(groups)
+
+
+def decode_mode(ei: dict) -> str:
+    """How a generation row decodes (the bars' colour); "" for rows of other benches."""
+    if "kv_cache" not in ei:
+        return ""
+    return "CUDA graph" if ei.get("cuda_graph") else "KV cache" if ei["kv_cache"] else "no cache"
+
+
+def plot_e2e(groups: dict[str, list[dict]], path: Path, device: str = "") -> None:
+    """One panel per bench: bars of tokens/s, one group per configuration, one colour per decode mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 4.2), dpi=100, squeeze=False)
+    for ax, (bench, rows) in zip(axes[0], groups.items()):
+        fields = [f for f in E2E_LABELS if f == "impl" or len({str(r.get(f)) for r in rows}) > 1]
+
+        def label(r):
+            return " ".join(E2E_LABELS[f].format(r[f]) for f in fields if f in r)
+
+        cats = list(dict.fromkeys(label(r) for r in rows))
+        modes = list(dict.fromkeys(decode_mode(r) for r in rows))
+        value = {(label(r), decode_mode(r)): r["tokens_per_s"] for r in rows}
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(modes):
+            xs = [i for i, c in enumerate(cats) if (c, mode) in value]
+            bars = ax.bar([x - 0.4 + width * (j + 0.5) for x in xs], [value[cats[x], mode] for x in xs], width,
+                          label=mode or "tokens/s")
+            ax.bar_label(bars, labels=[_fmt(value[cats[x], mode]) for x in xs], fontsize=8)
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_ylabel("tokens/s (higher is better)")
+        # What all its rows share goes in the panel's title: the model, and e.g. "B=1 T=128".
+        shared = sorted({str(r.get("model", "")) for r in rows} - {""})
+        shared += [E2E_LABELS[f].format(rows[0][f]) for f in E2E_LABELS
+                   if f not in fields and all(f in r for r in rows) and len({str(r[f]) for r in rows}) == 1]
+        quick = " - quick: one untimed run" if any(r.get("quick") for r in rows) else ""
+        ax.set_title(f"{bench}" + (f" ({', '.join(shared)})" if shared else "") + quick)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.12)  # room for the value labels
+        ax.set_axisbelow(True)  # grid lines behind the bars, not across them
+        ax.grid(True, axis="y", alpha=0.3)
+        if len(modes) > 1:
+            ax.legend()
+    if device:
+        fig.suptitle(f"end to end on {device}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_name(kernel: str, pass_: str) -> str:
     return f"{kernel}_{pass_.replace('+', '_')}.png"
 
@@ -160,8 +233,9 @@ def plot_kernel(kernel: str, pass_: str, series: dict, path: Path, device: str =
     plt.close(fig)
 
 
-def report(data: dict, out: Path) -> Path:
-    """Write report.md and the plots into out; return the report's path."""
+def report(data: dict, out: Path) -> tuple[Path, list[Path], list[str]]:
+    """Write report.md and the plots into out; return the report's path, the plots' paths, and why
+    a kind of plot was not drawn."""
     out.mkdir(parents=True, exist_ok=True)
     benchmarks = data["benchmarks"]
     mi = data.get("machine_info") or {}
@@ -176,20 +250,33 @@ def report(data: dict, out: Path) -> Path:
               "top of its inputs.", ""]
     if not benchmarks:
         lines += ["No benchmark results in this file (was it run with --benchmark-disable?).", ""]
+    plots, why_not = [], []
     series_all = kernel_series(benchmarks)
     if series_all:
         lines += ["## Kernels", ""]
+    elif benchmarks:
+        why_not.append("no kernel plots: no kernel bench in the results (without CUDA they are skipped)")
     for (kernel, pass_), series in series_all.items():
         lines += kernel_table(kernel, pass_, series)
-        plot_kernel(kernel, pass_, series, out / plot_name(kernel, pass_), device)
+        plots.append(out / plot_name(kernel, pass_))
+        plot_kernel(kernel, pass_, series, plots[-1], device)
     e2e = e2e_tables(benchmarks)
     if e2e:
         lines += ["## End to end", ""] + e2e
+    throughputs = e2e_throughputs(benchmarks)
+    if throughputs:
+        plots.append(out / E2E_PLOT)
+        plot_e2e(throughputs, plots[-1], device)
+        lines += [f"![end to end]({E2E_PLOT})", ""]
+    elif benchmarks:
+        why_not.append("no end-to-end plot: no end-to-end bench (train, generate) with tokens_per_s in the results")
+    if not benchmarks:
+        why_not.append("no plots: the results hold no benchmark (a run with --benchmark-disable records none)")
     if any((b.get("extra_info") or {}).get("quick") for b in benchmarks):
         lines += ["Rows marked quick come from a single untimed run (--benchmark-disable): not measurements.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    return path
+    return path, plots, why_not
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"bench_report: {err}", file=sys.stderr)
         return 2
-    path = report(data, args.out or args.json[0].parent)
-    print(path)
+    path, plots, why_not = report(data, args.out or args.json[0].parent)
+    for written in (path, *plots):
+        print(f"wrote {written}")
+    for reason in why_not:
+        print(reason)
     return 0
 
 

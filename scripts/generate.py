@@ -14,6 +14,9 @@ skipped; write a newline inside a prompt as a literal "\\n"). Several prompts ru
 are printed whole at the end; a single prompt is streamed as it is generated. Generation stops at
 <|endoftext|> unless --ignore-eos. The speed line (new tokens per second, prefill included) goes to
 stderr, so stdout holds only the text.
+
+A mistake (a flag, a file, a device this machine lacks) is one line `error: ...` and exit status 2;
+Ctrl-C stops with 130, SIGTERM with 143 (model/cli.py).
 """
 
 from __future__ import annotations
@@ -28,11 +31,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from model import PRESETS, GPTConfig, GPTModel  # noqa: E402
+from model.cli import Terminated, UsageError, run, terminate_as_exception  # noqa: E402
 from model.generate import stream_generate  # noqa: E402
-from model.tokenizer import EOT, decode, encode, get_tokenizer  # noqa: E402
+from model.ops import INTERPRETER_NOTICE  # noqa: E402
+from model.tokenizer import EOT, EOT_ID, decode, encode  # noqa: E402
 from model.weights import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_PROMPT = "Every effort moves you"  # the book's running example
+
+
+def pick_device(name: str) -> torch.device:
+    """--device as a torch.device this machine has; `auto` is the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this machine has no CUDA GPU (or this torch is a CPU build); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint's dict, or a one-line reason why `path` is not one."""
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds on a truncated, corrupted or foreign file
+        # Not torch's own text: for a damaged file it suggests weights_only=False, which would run
+        # whatever code the file holds and cannot repair it anyway.
+        why = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
+        why = f"{type(e).__name__}: {why}" if why else f"{type(e).__name__} (the file ends early?)"
+        raise ValueError(f"cannot read checkpoint {path}: not a checkpoint of scripts/train.py, or a damaged "
+                         f"one ({why})") from None
+    config = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} is not a training checkpoint: expected a dict with 'model' and 'model_config' "
+                         f"(or a folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a .safetensors file)")
+    return ckpt
 
 
 def load_model(checkpoint: str | None, preset: str) -> GPTModel:
@@ -46,103 +91,111 @@ def load_model(checkpoint: str | None, preset: str) -> GPTModel:
     if path.is_dir() or path.suffix == ".safetensors":
         return GPTModel.from_pretrained(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
+    ckpt = read_checkpoint(path)
+    config = ckpt.get("model_config", ckpt.get("config"))
     try:
-        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    config = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} is not a training checkpoint: expected a dict with 'model' and 'model_config' "
-                         f"(or a folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a .safetensors file)")
-    model = GPTModel(GPTConfig(**config))
-    # torch.compile / DistributedDataParallel wrappers prefix the names; the weights are the same.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
+        model = GPTModel(GPTConfig(**config))
+        # torch.compile / DistributedDataParallel wrappers prefix the names; the weights are the same.
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError) as e:  # a config field this model lacks; weights of another shape
+        raise ValueError(f"{path}: its weights do not fit its model_config ({str(e).strip().splitlines()[0]})") from None
     return model
 
 
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
-        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
-    if not prompts:
-        prompts = ["Every effort moves you"]  # the book's running example
-    return prompts
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt-file {path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                             f"{e.start}); save it as UTF-8") from None
+        lines = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"--prompt-file {path} holds no prompt (every line is blank)")
+        prompts += lines
+    return prompts or [DEFAULT_PROMPT]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept as written, and every flag's default shown."""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--checkpoint", help="training checkpoint .pt / run folder, save_pretrained or HF folder, or .safetensors")
+    p.add_argument("--checkpoint", help="training checkpoint .pt / run folder, save_pretrained or Hugging Face "
+                                        "folder, or .safetensors file; unset: random weights of --model")
     p.add_argument("--model", default="tiny", choices=list(PRESETS), help="preset for random weights (no --checkpoint)")
-    p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
-    p.add_argument("--prompt-file", help="a file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--prompt", action="append", help=f"a prompt; repeat for a batch; unset: {DEFAULT_PROMPT!r}")
+    p.add_argument("--prompt-file", help="a UTF-8 file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher is more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens; unset: all")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only from the most likely tokens whose probabilities reach p; unset: all")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible; unset: a fresh draw")
     p.add_argument("--ignore-eos", action="store_true", help=f"keep going past {EOT}")
-    p.add_argument("--fused", action="store_true", help="run on the Triton kernels")
+    p.add_argument("--fused", action="store_true",
+                   help="run on the Triton kernels (on a CPU: in Triton's interpreter, slow)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix every step (no KV cache)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each decode step as one CUDA graph (needs CUDA and the KV cache)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    return p.parse_args(argv)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when this machine has a GPU")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the weights' and activations' dtype")
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = make_parser().parse_args(argv)
+    device = pick_device(args.device)  # before anything slow: a missing GPU is said at once
+    prompts = read_prompts(args)
+    ids = [encode(p) for p in prompts]
+    model = load_model(args.checkpoint, args.model).to(device=device, dtype=DTYPES[args.dtype]).eval()
     try:
-        model = load_model(args.checkpoint, args.model)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval().use_fused_kernels(args.fused)
-    try:
-        prompts = read_prompts(args)
-        ids = [encode(p) for p in prompts]
-    except (OSError, RuntimeError) as e:  # an unreadable --prompt-file, or no tiktoken vocabulary offline
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model.use_fused_kernels(args.fused)
+    except ImportError as e:
+        raise UsageError(f"--fused: the Triton kernels cannot be imported ({e})") from None
+    if args.fused and device.type == "cpu":
+        print(INTERPRETER_NOTICE, file=sys.stderr)
     vocab = model.cfg.vocab_size
     if max(max(s, default=0) for s in ids) >= vocab:
-        print(f"error: the prompt has GPT-2 token ids the model's vocabulary of {vocab} cannot embed", file=sys.stderr)
-        return 2
-    eos = get_tokenizer().eot_token
-    eos_id = None if args.ignore_eos or eos >= vocab else eos
+        raise UsageError(f"the prompt has GPT-2 token ids that the model's vocabulary of {vocab} cannot embed")
+    eos_id = None if args.ignore_eos or EOT_ID >= vocab else EOT_ID
 
     start = time.perf_counter()
-    try:
-        steps = stream_generate(
-            model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_id=eos_id, use_cache=not args.no_cache, seed=args.seed, cuda_graph=args.cuda_graph,
-        )
-    except ValueError as e:  # bad settings, or prompt + max_new_tokens past the context length
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # Checks the settings (and prompt + max_new_tokens against the context) before any token.
+    steps = stream_generate(
+        model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        eos_id=eos_id, use_cache=not args.no_cache, seed=args.seed, cuda_graph=args.cuda_graph,
+    )
     stream = len(prompts) == 1
     new = [[] for _ in prompts]
     shown = ""
     if stream:
         print(prompts[0], end="", flush=True)
-    for step in steps:
-        for b, tok in enumerate(step.tolist()):
-            if not (new[b] and new[b][-1] == eos_id):  # a finished sequence only pads
-                new[b].append(tok)
+    try:
+        for step in steps:
+            for b, tok in enumerate(step.tolist()):
+                if not (new[b] and new[b][-1] == eos_id):  # a finished sequence only pads
+                    new[b].append(tok)
+            if stream:
+                # Decode the whole completion and print what is new: a character may span two
+                # tokens, so hold back a trailing half-character (shown as U+FFFD) until it completes.
+                text = decode(new[0])
+                if not text.endswith("\ufffd") and text != shown:
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+    except (KeyboardInterrupt, Terminated):
         if stream:
-            # Decode the whole completion and print what is new: a character may span two
-            # tokens, so hold back a trailing half-character (shown as U+FFFD) until it completes.
-            text = decode(new[0])
-            if not text.endswith("\ufffd") and text != shown:
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-    if args.device.startswith("cuda"):
+            print(flush=True)  # end the half-printed line, so that the shell's prompt starts on its own
+        raise
+    if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     if stream:
@@ -159,4 +212,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    terminate_as_exception()
+    run(main)

@@ -47,6 +47,7 @@ def test_report_tables_and_plot(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), str(src), "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"wrote {out / name}" for name in ("report.md", "attention_fwd.png", "end_to_end.png")]
     md = (out / "report.md").read_text()
 
     for fact in ("NVIDIA H100 80GB HBM3", "torch: 2.11.0", "triton: 3.6.0", "2026-01-02"):
@@ -80,7 +81,8 @@ def test_report_tables_and_plot(tmp_path):
 
     assert has_colour("#1f77b4") and has_colour("#ff7f0e")  # triton, sdpa
     assert not has_colour("#2ca02c")
-    assert sorted(p.name for p in out.glob("*.png")) == ["attention_fwd.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["attention_fwd.png", "end_to_end.png"]
+    assert "![end to end](end_to_end.png)" in md
 
 
 def test_report_handles_empty_and_rejects_foreign_json(tmp_path, capsys):
@@ -94,6 +96,8 @@ def test_report_handles_empty_and_rejects_foreign_json(tmp_path, capsys):
     empty.write_text(json.dumps({"machine_info": {}, "benchmarks": []}))
     assert bench_report.main([str(empty)]) == 0
     assert "No benchmark results" in (tmp_path / "report.md").read_text()
+    assert "no plots: the results hold no benchmark" in capsys.readouterr().out  # says why, not silence
+    assert list(tmp_path.glob("*.png")) == []
 
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({"hello": 1}))
@@ -131,3 +135,66 @@ def test_parts_of_one_session_merge_and_devices_do_not(tmp_path, capsys):
     assert bench_report.main([str(paths[0]), str(other), "--out", str(tmp_path / "no")]) == 2
     assert "report each device on its own" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def _load_script():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return bench_report
+
+
+def _bar_height(img, hex_rgb, columns: slice) -> int:
+    """Height in pixels of the tallest bar of one colour within a band of the image's columns. Bars
+    stand on the axis, so only runs of the colour that start at its lowest row count (the legend's
+    patch of the same colour floats above)."""
+    import numpy as np
+
+    rgb = np.array([int(hex_rgb[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    mask = np.abs(img[:, columns] - rgb).max(axis=-1) < 0.02  # (H, W)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return 0
+    bottom = rows.max()
+    heights = [0]
+    for col in np.flatnonzero(mask[bottom]):
+        above = mask[: bottom + 1, col][::-1]  # from the axis upwards
+        heights.append(int(np.argmin(above)) if not above.all() else above.size)
+    return max(heights)
+
+
+def test_cpu_results_get_the_end_to_end_plot(tmp_path, capsys):
+    """A CPU session has no kernel benches (skipped without CUDA) but its end-to-end figures are
+    plotted: the training step's tokens/s, and generation without and with the cache, bar heights
+    in proportion to the figures."""
+    import matplotlib.image as mpimg
+
+    bench_report = _load_script()
+    rows = [
+        _bench("tr", {"bench": "train", "impl": "torch", "model": "gpt2-124M", "batch": 1, "seq_len": 128,
+                      "dtype": "fp32", "tokens_per_s": 120.0, "step_ms": 1066.7}),
+        _bench("g1", {"bench": "generate", "impl": "torch", "kv_cache": False, "cuda_graph": False,
+                      "model": "gpt2-124M", "batch": 1, "new_tokens": 200, "tokens_per_s": 5.0}),
+        _bench("g2", {"bench": "generate", "impl": "torch", "kv_cache": True, "cuda_graph": False,
+                      "model": "gpt2-124M", "batch": 1, "new_tokens": 200, "tokens_per_s": 20.0, "vs_no_cache": 4.0}),
+    ]
+    src = tmp_path / "cpu.json"
+    src.write_text(json.dumps({"machine_info": {"device": "cpu"}, "benchmarks": rows}))
+    out = tmp_path / "out"
+    assert bench_report.main([str(src), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'end_to_end.png'}" in printed
+    assert "no kernel plots" in printed and "without CUDA" in printed  # and why there is no other
+    assert sorted(p.name for p in out.glob("*.png")) == ["end_to_end.png"]
+    assert "![end to end](end_to_end.png)" in (out / "report.md").read_text()
+
+    img = mpimg.imread(out / "end_to_end.png")[..., :3]
+    assert img.shape[:2] == (420, 1280)  # two panels: train, generate
+    left, right = slice(0, 640), slice(640, 1280)
+    train = _bar_height(img, "#1f77b4", left)
+    assert _bar_height(img, "#ff7f0e", left) == 0  # one series in the training panel
+    no_cache, cached = _bar_height(img, "#1f77b4", right), _bar_height(img, "#ff7f0e", right)
+    assert no_cache > 0 and cached / no_cache == pytest.approx(20.0 / 5.0, rel=0.05)
+    assert train == pytest.approx(cached, abs=2)  # each panel scales to its own largest bar
