@@ -11,6 +11,7 @@ code, which is how CI checks the kernels on a CPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -185,10 +186,37 @@ INTERPRETER_PROGRAMS = 4
 
 
 def num_programs(device: torch.device, per_sm: int) -> int:
-    """per_sm programs for every SM of device's GPU (INTERPRETER_PROGRAMS off-GPU)."""
+    """per_sm programs for every SM of device's GPU; off-GPU one program with the interpreter's
+    configurations (no second, reducing launch), INTERPRETER_PROGRAMS with the GPU's."""
     if device.type == "cuda":
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_PROGRAMS
+    return 1 if interpreter_configs(device) else INTERPRETER_PROGRAMS
+
+
+# The interpreter's launch configurations. It runs the programs of a grid one after another, and every
+# tl.* call of every program is a NumPy call with a Python overhead that dwarfs the arithmetic on the
+# small tiles a GPU wants (a 128-wide LayerNorm row costs as much as a 4096-wide one). So off-GPU the
+# launchers pick few, large programs (many rows per program, a whole vocabulary per block) and skip
+# launches that only a many-program grid needs: the same kernel code, other constexpr values. A tile
+# of INTERPRETER_TILE fp32 elements is 4 MB per live array: large enough that the overhead stops
+# mattering, small enough for a laptop. Tests set INTERPRETER_CONFIGS = False to run the GPU's
+# configurations in the interpreter too.
+INTERPRETER_CONFIGS = INTERPRET
+INTERPRETER_TILE = 2**20
+
+
+def interpreter_rows_per_step(M: int) -> int:
+    """Rows per step of a backward's walk in the interpreter, about sqrt(M). The walk adds its steps
+    into the accumulator one after another, and the interpreter's tl.sum over the accumulator's rows
+    is a NumPy sum down axis 0, sequential too: M/BLOCK_M + BLOCK_M additions deep, least at sqrt(M),
+    as shallow as the GPU's walk (a few dozen) and so as accurate; one tile of all M rows would be M
+    deep."""
+    return next_power_of_2(math.isqrt(max(M - 1, 0)) + 1)
+
+
+def interpreter_configs(device: torch.device) -> bool:
+    """True when a launch on `device` runs in the interpreter and should use its configurations."""
+    return device.type == "cpu" and INTERPRETER_CONFIGS
 
 
 def as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
@@ -231,6 +259,8 @@ _SUM_PARTIALS_CONFIG = {"BLOCK_G": 32, "BLOCK_N": 128, "num_warps": 8, "num_stag
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(n_groups, N) fp32 -> (N,) column sums in `dtype`."""
     n_groups, N = partial.shape
+    if n_groups == 1:  # one group did everything (small M, or the interpreter): no launch to add it up
+        return partial[0].to(dtype, copy=True)
     out = torch.empty(N, dtype=dtype, device=partial.device)
     with device_guard(partial.device):
         _sum_partials_kernel[(triton.cdiv(N, _SUM_PARTIALS_CONFIG["BLOCK_N"]),)](

@@ -66,6 +66,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    INTERPRETER_TILE,
     NUM_STAGES,
     SUM_PARTIALS_COMPILE_SPECS,
     CompileSpec,
@@ -75,6 +76,8 @@ from kernels._common import (  # must precede the @triton.jit kernels (switches 
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
+    interpreter_rows_per_step,
     next_power_of_2,
     num_programs,
     sum_partials,
@@ -211,8 +214,20 @@ PROGRAMS_PER_SM = 4
 
 
 def _launch_config(N: int) -> dict:
+    """The GPU's configuration."""
     block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
     return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
+def _config(M: int, N: int, device: torch.device, backward: bool = False) -> dict:
+    """The interpreter's is a tile of up to INTERPRETER_TILE elements as wide as the row: in the
+    forward a whole (1024, 512) MLP activation of the tiny preset, one program; the backward walks
+    its one group of rows about sqrt(M) rows at a time (see `interpreter_rows_per_step`). Else the GPU's."""
+    if not interpreter_configs(device):
+        return _launch_config(N)
+    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), INTERPRETER_TILE)
+    block_m = min(INTERPRETER_TILE // block_n, interpreter_rows_per_step(M) if backward else next_power_of_2(M))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "num_stages": NUM_STAGES}
 
 
 def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
@@ -220,7 +235,7 @@ def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> Non
     M, N = x2.shape
     if M == 0:
         return
-    cfg = _launch_config(N)
+    cfg = _config(M, N, x2.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     with device_guard(x2.device):
         _bias_gelu_fwd_kernel[grid](x2, bias, y, x2.stride(0), M, N, **cfg)
@@ -231,7 +246,7 @@ def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: 
     M, N = x2.shape
     if M == 0:
         return torch.zeros_like(bias)
-    cfg = _launch_config(N)
+    cfg = _config(M, N, x2.device, backward=True)
     n_col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_row_tiles = triton.cdiv(M, cfg["BLOCK_M"])
     want_groups = max(1, min(n_row_tiles, num_programs(x2.device, PROGRAMS_PER_SM) // n_col_blocks))

@@ -59,11 +59,14 @@ from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
     CompileSpec,
+    INTERPRETER_TILE,
+    NUM_STAGES,
     cast_for_store,
     check_device,
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
     next_power_of_2,
 )
 
@@ -108,71 +111,88 @@ def _cross_entropy_fwd_kernel(
     LOSS,  # (N,) fp32: per-row loss, 0 on ignored rows
     GRAD,  # (N, V) logits' dtype, contiguous: (softmax - onehot) * scale; unused unless HAS_GRAD
     stride_row,
+    N,
     V,
     ignore_index,
     scale,  # fp32: 1/count for "mean", 1 for "sum" and "none"
+    BLOCK_ROWS: tl.constexpr,  # rows per program: 1 on a GPU, many in the interpreter
     BLOCK_V: tl.constexpr,
     HAS_GRAD: tl.constexpr,
 ):
     # int64 row offsets: N * V passes 2^31 at N = 42,731 rows of a GPT-2 vocabulary.
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = LOGITS + row * stride_row
-    grad_row = GRAD + row * V
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    in_range = rows < N
+    tgt = tl.load(TARGET + rows, mask=in_range, other=ignore_index)
+    # An ignored row costs no read of its logits (its loads are masked off); its gradient is still
+    # written (as zeros), since the buffer comes from torch.empty and backward hands every element on.
+    valid = in_range & (tgt != ignore_index)
+    logits_rows = LOGITS + rows[:, None] * stride_row  # (BLOCK_ROWS, 1) row pointers
+    grad_rows = GRAD + rows[:, None] * V
     offs = tl.arange(0, BLOCK_V)
-    tgt = tl.load(TARGET + row)
 
-    if tgt == ignore_index:
-        # An ignored row costs no read of its logits; its gradient is still written (as zeros), since
-        # the buffer comes from torch.empty and backward hands every element on.
-        tl.store(LOSS + row, 0.0)
-        if HAS_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                tl.store(grad_row + cols, tl.zeros([BLOCK_V], dtype=GRAD.dtype.element_ty), mask=cols < V)
-    else:
-        # Pass 1: online softmax. Masked lanes load -inf, so they add exp(-inf) = 0 to the sum and
-        # never win the max. While the max is still -inf (the row so far is all -inf: a masked-out
-        # stretch of vocabulary) we subtract 0 instead of it, or exp(-inf - -inf) would be NaN.
-        m = tl.full([], float("-inf"), dtype=tl.float32)
-        d = tl.full([], 0.0, dtype=tl.float32)
+    # Pass 1: online softmax. Masked lanes load -inf, so they add exp(-inf) = 0 to the sum and never
+    # win the max. While the max is still -inf (the row so far is all -inf: a masked-out stretch of
+    # vocabulary, or an ignored row) we subtract 0 instead of it, or exp(-inf - -inf) would be NaN.
+    m = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+    d = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(logits_rows + cols[None, :], mask=valid[:, None] & (cols < V)[None, :],
+                    other=float("-inf")).to(tl.float32)
+        # -- raise the running max, rescale d by exp(m - m'), add the chunk's exp(x - m') --
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
+        m = m_new
+    # Ignored rows end with m = -inf and d = 0: give them m = 0, log d = 0, so that nothing below
+    # evaluates log 0 or -inf - -inf (their loss and gradient are set to 0 anyway).
+    m = tl.where(valid, m, 0.0)
+    log_d = tl.log(tl.where(valid, d, 1.0))
+
+    # -- loss = lse - x[t], written as (m - x[t]) + log d --
+    # Forming lse = m + log d first would round it at the magnitude of m (1e3 -> an error of 6e-5)
+    # before the near-cancelling subtraction.
+    x_t = tl.load(LOGITS + rows * stride_row + tgt, mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSS + rows, tl.where(valid, (m - x_t) + log_d, 0.0), mask=in_range)
+
+    if HAS_GRAD:
+        # Pass 2: the gradient. exp(x - m - log d) is evaluated left to right, (x - m) first, for
+        # the same reason as above.
         for start in range(0, V, BLOCK_V):
             cols = start + offs
-            x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
-            m = m_new
-        log_d = tl.log(d)
-
-        # loss = lse - x[t], written as (m - x[t]) + log d: forming lse = m + log d first would round
-        # it at the magnitude of m (1e3 -> an error of 6e-5) before the near-cancelling subtraction.
-        x_t = tl.load(logits_row + tgt).to(tl.float32)
-        tl.store(LOSS + row, (m - x_t) + log_d)
-
-        if HAS_GRAD:
-            # Pass 2: the gradient. exp(x - m - log d) is evaluated left to right, (x - m) first, for
-            # the same reason as above.
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                p = tl.exp(x - m - log_d)
-                g = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
-                tl.store(grad_row + cols, cast_for_store(g, GRAD.dtype.element_ty), mask=cols < V)
+            col_ok = (cols < V)[None, :]
+            x = tl.load(logits_rows + cols[None, :], mask=valid[:, None] & col_ok, other=float("-inf")).to(tl.float32)
+            # -- d loss / d x_j = (softmax_j - [j == t]) * scale, 0 on ignored rows --
+            p = tl.exp(x - m[:, None] - log_d[:, None])
+            g = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * scale
+            g = tl.where(valid[:, None], g, 0.0)
+            tl.store(grad_rows + cols[None, :], cast_for_store(g, GRAD.dtype.element_ty), mask=in_range[:, None] & col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-# One program owns a row and loops over it, so BLOCK_V only trades registers for loop trips: 4096
-# fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk that covers the row.
+# On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
+# for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
+# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
+# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
 MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
-_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(MAX_BLOCK_V)) + 1)]
-NUM_STAGES = 3  # Triton's default on NVIDIA, stated so that COMPILE_SPECS builds what we launch
+INTERPRETER_MAX_BLOCK_V = 2**16
+_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
+_GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
 
 
 def _launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
+    """The GPU's configuration: one row per program."""
     block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    return {"BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
+    return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
+
+
+def _interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
+    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
+    return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
 
 
 def _cross_entropy_fwd(
@@ -181,13 +201,13 @@ def _cross_entropy_fwd(
     ignore_index: int,
     scale: float,
     compute_grad: bool,
-    max_block_v: int = MAX_BLOCK_V,
+    max_block_v: int = 0,
 ):
     """Per-row fp32 loss (N,) and, if compute_grad, the gradient (N, V) in the logits' dtype, scaled by
-    `scale`. Inputs must already be checked (see `_check_inputs`). `max_block_v` (a power of 2 in
-    [MIN_BLOCK_V, MAX_BLOCK_V]) lets tests force many chunks on a small vocabulary."""
-    if max_block_v not in _BLOCK_V_CHOICES:
-        raise ValueError(f"{_OP}: max_block_v must be a power of 2 in [{MIN_BLOCK_V}, {MAX_BLOCK_V}]")
+    `scale`. Inputs must already be checked (see `_check_inputs`). `max_block_v` (0: the launcher's
+    choice, or a power of 2 in [MIN_BLOCK_V, 65,536]) lets tests force many chunks on a small vocabulary."""
+    if max_block_v and max_block_v not in _BLOCK_V_CHOICES:
+        raise ValueError(f"{_OP}: max_block_v must be 0 or a power of 2 in [{MIN_BLOCK_V}, {INTERPRETER_MAX_BLOCK_V}]")
     N, V = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()  # coalesced loads need the vocabulary contiguous; rows may be strided
@@ -195,13 +215,14 @@ def _cross_entropy_fwd(
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if compute_grad else None
     if N == 0:
         return loss, grad
-    cfg = _launch_config(V, max_block_v)
+    if interpreter_configs(logits.device):
+        cfg = _interpreter_config(N, V, max_block_v or INTERPRETER_MAX_BLOCK_V)
+    else:
+        cfg = _launch_config(V, min(max_block_v or MAX_BLOCK_V, MAX_BLOCK_V))
     with device_guard(logits.device):
-        _cross_entropy_fwd_kernel[(N,)](
+        _cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_ROWS"]),)](
             logits, target, loss, grad if compute_grad else logits,  # GRAD is never touched without HAS_GRAD
-            logits.stride(0), V, ignore_index, scale,
-            BLOCK_V=cfg["BLOCK_V"], HAS_GRAD=compute_grad,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            logits.stride(0), N, V, ignore_index, scale, HAS_GRAD=compute_grad, **cfg,
         )
     return loss, grad
 
@@ -248,18 +269,20 @@ def _check_inputs(logits, target, ignore_index, reduction):
     _check_target(target, logits.shape[0], _OP)
 
 
-def _reduce(loss_rows, n_valid, reduction, dtype):
-    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, in `dtype`."""
+def _reduce(loss_rows, n_valid, reduction):
+    """(N,) fp32 per-row losses (0 on ignored rows) -> the loss F.cross_entropy returns, kept in fp32
+    whatever the logits' dtype: the kernel accumulates in fp32, and rounding a loss near 10 to bf16
+    would cost it 0.03-0.06 (autocast, too, runs cross-entropy in fp32)."""
     if reduction == "none":
-        return loss_rows.to(dtype)
+        return loss_rows
     total = loss_rows.sum()  # fp32
     if reduction == "mean":
         total = total / max(n_valid, 1)  # every row ignored: 0, not 0/0
-    return total.to(dtype)
+    return total
 
 
 def _fake_loss(t, reduction):
-    return t.new_empty(t.shape[:1] if reduction == "none" else ())
+    return t.new_empty(t.shape[:1] if reduction == "none" else (), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +302,7 @@ def _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad,
     target, n_valid = _checked_target(target, logits.shape[1], ignore_index, _OP)
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
-    return _reduce(loss_rows, n_valid, reduction, logits.dtype), grad
+    return _reduce(loss_rows, n_valid, reduction), grad
 
 
 @_cross_entropy_fwd_op.register_fake
@@ -287,8 +310,8 @@ def _(logits, target, ignore_index, reduction, compute_grad, max_block_v):
     return _fake_loss(logits, reduction), logits.new_empty(logits.shape) if compute_grad else None
 
 
-def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=MAX_BLOCK_V):
-    """The reduced loss (logits' dtype) and, if compute_grad, d loss / d logits for grad_output = 1."""
+def _loss_and_grad(logits, target, ignore_index, reduction, compute_grad, max_block_v=0):
+    """The reduced loss (fp32) and, if compute_grad, d loss / d logits for grad_output = 1."""
     _check_inputs(logits, target, ignore_index, reduction)
     return _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v)
 
@@ -308,7 +331,7 @@ def _times_grad_output(grad_output, *grads):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index=-100, reduction="mean", max_block_v=MAX_BLOCK_V):
+    def forward(ctx, logits, target, ignore_index=-100, reduction="mean", max_block_v=0):
         loss, grad = _loss_and_grad(logits, target, ignore_index, reduction, True, max_block_v)
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
@@ -319,7 +342,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
-            grad = grad * grad_output.unsqueeze(1)  # (N, V) * (N, 1)
+            # (N, V) * (N, 1): the fp32 row weights would promote the product to fp32; written into a
+            # buffer of the gradient's dtype instead, computed in fp32 and rounded once.
+            grad = torch.mul(grad, grad_output.unsqueeze(1), out=torch.empty_like(grad))
         else:
             (grad,) = _times_grad_output(grad_output, grad)
         return grad, None, None, None, None
@@ -327,8 +352,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean"):
     """F.cross_entropy(logits, target, ignore_index=..., reduction=...) for (N, V) logits and (N,)
-    int64/int32 targets, fused: the gradient is written during the forward pass. The loss has the
-    logits' dtype (accumulation is fp32). Rows with target == ignore_index add 0 loss and 0 gradient;
+    int64/int32 targets, fused: the gradient is written during the forward pass. The loss is fp32
+    for every logits dtype (the kernel accumulates in fp32; autocast's F.cross_entropy is fp32 too);
+    the gradient has the logits' dtype. Rows with target == ignore_index add 0 loss and 0 gradient;
     "mean" averages over the other rows and is 0 when there are none."""
     if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
         return CrossEntropyFunction.apply(logits, target, ignore_index, reduction)
@@ -427,6 +453,8 @@ def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
     check_device(x, weight, target, op=_LCE_OP)
     _check_target(target, N, _LCE_OP)
     if chunk_size is None:
+        if interpreter_configs(x.device):  # few chunks, few launches: logits of 16 tiles (64 MB in fp32)
+            return max(1, min(N, 16 * INTERPRETER_TILE // V))
         return max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_LCE_OP}: chunk_size must be a positive int, got {chunk_size!r}")
@@ -455,7 +483,7 @@ def _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chu
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
     loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
-    return _reduce(loss_rows, n_valid, reduction, x.dtype), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+    return _reduce(loss_rows, n_valid, reduction), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
 
 
 @_linear_cross_entropy_fwd_op.register_fake
@@ -531,12 +559,12 @@ COMPILE_SPECS = [
         kernel=_cross_entropy_fwd_kernel,
         signature={
             "LOGITS": f"*{ty}", "TARGET": "*i64", "LOSS": "*fp32", "GRAD": f"*{ty}",
-            "stride_row": "i32", "V": "i32", "ignore_index": "i32", "scale": "fp32",
-            "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr",
+            "stride_row": "i32", "N": "i32", "V": "i32", "ignore_index": "i32", "scale": "fp32",
+            "BLOCK_ROWS": "constexpr", "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr",
         },
         configs=[
             {**_launch_config(block_v, max_block_v=block_v), "HAS_GRAD": has_grad}
-            for block_v in _BLOCK_V_CHOICES
+            for block_v in _GPU_BLOCK_V_CHOICES
             for has_grad in (True, False)
         ],
     )

@@ -95,6 +95,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (  # must precede the @triton.jit kernels (switches on the interpreter)
+    INTERPRETER_TILE,
     NUM_STAGES,
     CompileSpec,
     as_rows,
@@ -102,6 +103,8 @@ from kernels._common import (  # must precede the @triton.jit kernels (switches 
     check_device,
     check_dtype,
     device_guard,
+    interpreter_configs,
+    interpreter_rows_per_step,
     next_power_of_2,
     num_programs,
     sum_partials,
@@ -165,28 +168,36 @@ def _layer_norm_fwd_kernel(
     RSTD,  # (M,) fp32
     stride_x_row,
     stride_r_row,
+    M,
     N,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program: 1 on a GPU, many in the interpreter
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: M * N passes 2^31 at 524,288 rows of width 4096
+    # int64: M * N passes 2^31 at 524,288 rows of width 4096
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x += tl.load(R + row * stride_r_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(H + row * N + cols, cast_for_store(x, H.dtype.element_ty), mask=mask)
-    mean = tl.sum(x, axis=0) / N
+        # -- h = x + r, stored; the fp32 sum is what gets normalized --
+        x += tl.load(R + rows[:, None] * stride_r_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + rows[:, None] * N + cols[None, :], cast_for_store(x, H.dtype.element_ty), mask=mask)
+    # -- mean, then var from the centred values (two-pass) --
+    mean = tl.sum(x, axis=1) / N
     # Padding lanes loaded 0, but 0 - mean is not 0: zero them before they enter the variance.
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * N + cols, cast_for_store(xc * rstd * w + b, Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    # -- y = xhat * w + b --
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], cast_for_store(y, Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -204,47 +215,55 @@ def _layer_norm_bwd_kernel(
     stride_dh_row,
     M,
     N,
-    rows_per_group,
+    rows_per_group,  # a multiple of BLOCK_M
     HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per step of the walk: 1 on a GPU, many in the interpreter
     BLOCK_N: tl.constexpr,
 ):
     group = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # loaded once for all the group's rows
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)  # loaded once for all the group's rows
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = group.to(tl.int64) * rows_per_group
-    row_end = tl.minimum(row_start + rows_per_group, M)
-    for row in range(row_start, row_end):
-        x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        g = dy * w  # 0 on padding lanes (dy loaded 0 there)
-        c1 = tl.sum(g * xhat, axis=0) / N
-        c2 = tl.sum(g, axis=0) / N
-        dx = (g - c2 - xhat * c1) * rstd
+    # Walk this group's rows BLOCK_M at a time; rows past M load dY = 0 and so add 0.
+    for m in range(0, rows_per_group, BLOCK_M):
+        rows = row_start + m + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # -- dX = rstd * (g - c2 - xhat * c1), g = dY * w, c1 = mean(g * xhat), c2 = mean(g) --
+        g = dy * w[None, :]  # 0 on padding lanes (dy loaded 0 there)
+        c1 = tl.sum(g * xhat, axis=1) / N
+        c2 = tl.sum(g, axis=1) / N
+        dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
         if HAS_RESIDUAL:
-            # H's two gradients meet here, in fp32, before the one rounding of the store.
-            dx += tl.load(DH + row * stride_dh_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * N + cols, cast_for_store(dx, DX.dtype.element_ty), mask=mask)
+            # -- dH = dh + LN-backward(dY): H's two gradients meet in fp32, before the one rounding --
+            dx += tl.load(DH + rows[:, None] * stride_dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * N + cols[None, :], cast_for_store(dx, DX.dtype.element_ty), mask=mask)
+        # -- this group's share of dW = sum dY * xhat and dB = sum dY --
         dw += dy * xhat
         db += dy
-    tl.store(PARTIAL + group * (2 * N) + cols, dw, mask=mask)
-    tl.store(PARTIAL + group * (2 * N) + N + cols, db, mask=mask)
+    tl.store(PARTIAL + group * (2 * N) + cols, tl.sum(dw, axis=0), mask=col_ok)
+    tl.store(PARTIAL + group * (2 * N) + N + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-# One program holds a whole row: BLOCK_N = next power of 2 >= N, with the warps growing with the row
-# (BLOCK_N / 256, at most 16). Register budget: at BLOCK_N = 8192 the backward holds x, dY, w and the
-# two dW/dB accumulators, 16 fp32 values each per thread, at the 128-register cap of a 16-warp
-# program, and the compile check (kernels/compile_check.py) finds it spilling 24-96 bytes per thread
-# on sm_80 and sm_90. So MAX_N = 4096, 2.5x GPT-2's widest row (1600); a wider row is refused
-# rather than silently slowed by spills.
+# On a GPU one program holds a whole row (BLOCK_M = 1): BLOCK_N = next power of 2 >= N, with the warps
+# growing with the row (BLOCK_N / 256, at most 16). Register budget: at BLOCK_N = 8192 the backward
+# holds x, dY, w and the two dW/dB accumulators, 16 fp32 values each per thread, at the 128-register
+# cap of a 16-warp program, and the compile check (kernels/compile_check.py) finds it spilling 24-96
+# bytes per thread on sm_80 and sm_90. So MAX_N = 4096, 2.5x GPT-2's widest row (1600); a wider row
+# is refused rather than silently slowed by spills. In the interpreter a forward program takes as many
+# rows as fill INTERPRETER_TILE (all 1,024 rows of the tiny preset's batch: one program), and the
+# backward is one program walking the rows 32 at a time (no second, reducing launch).
 MIN_BLOCK_N, MAX_N = 16, 4096
 # Row groups for dW/dB: 2 per SM (264 on an H100), fewer than bias_gelu's 4, because each group
 # costs a 2N-wide fp32 row of partial sums written and read back, and a LayerNorm row is short.
@@ -252,11 +271,22 @@ GROUPS_PER_SM = 2
 
 
 def _launch_config(N: int, has_residual: bool = False) -> dict:
+    """The GPU's configuration: one row per program (per step of the backward's walk)."""
     block_n = max(next_power_of_2(N), MIN_BLOCK_N)
     return {
-        "BLOCK_N": block_n, "HAS_RESIDUAL": has_residual,
+        "BLOCK_M": 1, "BLOCK_N": block_n, "HAS_RESIDUAL": has_residual,
         "num_warps": min(max(block_n // 256, 1), 16), "num_stages": NUM_STAGES,
     }
+
+
+def _config(M: int, N: int, has_residual: bool, device: torch.device, backward: bool = False) -> dict:
+    """The GPU's configuration, or the interpreter's: the forward takes as many rows as fill the tile,
+    the backward walks its one group about sqrt(M) rows at a time (see `interpreter_rows_per_step`)."""
+    cfg = _launch_config(N, has_residual)
+    if interpreter_configs(device):
+        rows = interpreter_rows_per_step(M) if backward else next_power_of_2(M)
+        cfg.update(BLOCK_M=min(max(INTERPRETER_TILE // cfg["BLOCK_N"], 1), rows), num_warps=1)
+    return cfg
 
 
 def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> None:
@@ -269,10 +299,10 @@ def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> No
     has_residual = r2 is not None
     if not has_residual:
         r2, h = x2, y  # placeholders: the kernel neither reads R nor writes H
+    cfg = _config(M, N, has_residual, x2.device)
     with device_guard(x2.device):
-        _layer_norm_fwd_kernel[(M,)](
-            x2, r2, weight, bias, h, y, mean, rstd, x2.stride(0), r2.stride(0), N, eps,
-            **_launch_config(N, has_residual),
+        _layer_norm_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            x2, r2, weight, bias, h, y, mean, rstd, x2.stride(0), r2.stride(0), M, N, eps, **cfg,
         )
 
 
@@ -282,17 +312,19 @@ def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, d
     M, N = x2.shape
     if M == 0:
         return torch.zeros(N, dtype=weight_dtype, device=x2.device), torch.zeros(N, dtype=bias_dtype, device=x2.device)
-    want_groups = max(1, min(M, num_programs(x2.device, GROUPS_PER_SM)))
-    rows_per_group = triton.cdiv(M, want_groups)
-    n_groups = triton.cdiv(M, rows_per_group)  # no empty group at the end
-    partial = torch.empty((n_groups, 2 * N), dtype=torch.float32, device=x2.device)
     has_residual = dh2 is not None
+    cfg = _config(M, N, has_residual, x2.device, backward=True)
+    n_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    want_groups = max(1, min(n_tiles, num_programs(x2.device, GROUPS_PER_SM)))
+    tiles_per_group = triton.cdiv(n_tiles, want_groups)
+    n_groups = triton.cdiv(n_tiles, tiles_per_group)  # no empty group at the end
+    partial = torch.empty((n_groups, 2 * N), dtype=torch.float32, device=x2.device)
     if not has_residual:
         dh2 = dy2  # placeholder: the kernel does not read DH
     with device_guard(x2.device):
         _layer_norm_bwd_kernel[(n_groups,)](
             x2, weight, dy2, dh2, dx, mean, rstd, partial, x2.stride(0), dy2.stride(0), dh2.stride(0),
-            M, N, rows_per_group, **_launch_config(N, has_residual),
+            M, N, tiles_per_group * cfg["BLOCK_M"], **cfg,
         )
     dwdb = sum_partials(partial, torch.float32)  # (2N,): one reduction launch for both gradients
     # copy=True: two separate tensors, not views of one buffer (a custom op's outputs may not alias).
@@ -473,8 +505,9 @@ COMPILE_SPECS = [
             kernel=_layer_norm_fwd_kernel,
             signature={
                 "X": f"*{ty}", "R": f"*{ty}", "W": "*fp32", "B": "*fp32", "H": f"*{ty}", "Y": f"*{ty}",
-                "MEAN": "*fp32", "RSTD": "*fp32", "stride_x_row": "i32", "stride_r_row": "i32", "N": "i32",
-                "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
+                "MEAN": "*fp32", "RSTD": "*fp32", "stride_x_row": "i32", "stride_r_row": "i32", "M": "i32",
+                "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr",
             },
             configs=[_launch_config(n, has_residual) for n in _WIDTHS],
         ),
@@ -485,7 +518,7 @@ COMPILE_SPECS = [
                 "X": f"*{ty}", "W": "*fp32", "DY": f"*{ty}", "DH": f"*{ty}", "DX": f"*{ty}", "MEAN": "*fp32",
                 "RSTD": "*fp32", "PARTIAL": "*fp32", "stride_x_row": "i32", "stride_dy_row": "i32",
                 "stride_dh_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
-                "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
+                "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
             },
             configs=[_launch_config(n, has_residual) for n in _WIDTHS],
         ),

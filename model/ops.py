@@ -57,8 +57,15 @@ class TorchOps:
         return F.cross_entropy(logits, target, ignore_index=ignore_index)
 
 
+_KERNELS = None
+
+
 def _kernels():
-    # Imported here, not at the top: the PyTorch path needs no Triton.
+    # Imported here, not at the top: the PyTorch path needs no Triton. Built once (by FusedOps()), so
+    # that torch.compile, tracing a fused forward, only reads a global (it cannot trace SimpleNamespace()).
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
     from types import SimpleNamespace
 
     from kernels.bias_gelu import bias_gelu
@@ -67,8 +74,9 @@ def _kernels():
     from kernels.flash_attention import flash_attention
     from kernels.layer_norm import add_layer_norm, layer_norm
 
-    return SimpleNamespace(flash_attention=flash_attention, decode_attention=decode_attention, layer_norm=layer_norm,
-                           add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy)
+    _KERNELS = SimpleNamespace(flash_attention=flash_attention, decode_attention=decode_attention, layer_norm=layer_norm,
+                            add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy)
+    return _KERNELS
 
 
 # What every script prints when --fused runs on a CPU (train.py, generate.py): one text, said once.

@@ -9,6 +9,7 @@ than `factor` times as far (plus a small `atol` for results that are exact in bo
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Where the kernel tests run: natively on a GPU when there is one, else on the CPU through Triton's
@@ -70,3 +71,15 @@ def assert_compiles_like_eager(fn, inputs, grad_out) -> None:
     for got, want in zip(forward_backward(compiled, inputs, grad_out), forward_backward(fn, inputs, grad_out)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.fixture(params=["gpu_configs", "interpreter_configs"])
+def launch_configs(request, monkeypatch):
+    """Run a test under both launch configurations the launchers can pick off-GPU: the interpreter's
+    (few, large programs) and the GPU's (what runs compiled). On a GPU both are the GPU's. Import it
+    into a test module (`from accuracy import launch_configs`) and name it in a test's arguments."""
+    if request.param == "gpu_configs":
+        import kernels._common
+
+        monkeypatch.setattr(kernels._common, "INTERPRETER_CONFIGS", False)
+    return request.param

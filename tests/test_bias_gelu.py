@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kernels import reference
 from kernels._common import as_rows
 from kernels.bias_gelu import COMPILE_SPECS, _bias_gelu_bwd, _bias_gelu_fwd, _launch_config, bias_gelu
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -49,7 +49,7 @@ def _check(x, bias, dy=None, scale=1.0):
         (2, 5, 3072),  # 3-D, GPT-2 124M's MLP width
     ],
 )
-def test_matches_reference(dtype, shape):
+def test_matches_reference(launch_configs, dtype, shape):
     torch.manual_seed(0)
     _check(torch.randn(shape, dtype=dtype) * 2, torch.randn(shape[-1], dtype=dtype))
 
@@ -82,7 +82,7 @@ def test_extreme_values_are_exact():
     assert torch.equal(dbias, dx[0])
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(launch_configs):
     torch.manual_seed(3)
     wide = torch.randn(9, 1000)
     _check(wide[:, 100:877], torch.randn(777))  # column slice: rows 1000 apart, no copy
@@ -103,7 +103,7 @@ def test_broadcast_gradient():
         assert_close_to_reference(f"bias_gelu {name}", g, e, t)
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(launch_configs):
     """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
     torch.manual_seed(5)
     x, bias, dy = torch.randn(300, 100), torch.randn(100), torch.randn(300, 100)
@@ -125,24 +125,27 @@ def test_no_rows():
     assert torch.equal(bias.grad, torch.zeros(64))
 
 
+# Each case builds its tensors inside the test (a lambda), on the test's device: built at collection
+# time they would be CPU tensors, and on a GPU the device check would fire before the check under test.
 @pytest.mark.parametrize(
-    "x, bias, error, match",
+    "make, error, match",
     [
-        (torch.randn(4, 8), torch.randn(9), ValueError, r"bias has shape \(9,\), expected \(8,\)"),
-        (torch.randn(4, 8), torch.randn(1, 8), ValueError, "bias must be 1-D"),
-        (torch.randn(4, 8), torch.randn(4, 8), ValueError, "bias must be 1-D"),
-        (torch.randn(()), torch.randn(1), ValueError, "at least one dimension"),
-        (torch.randn(4, 0), torch.randn(0), ValueError, "empty last dimension"),
-        (torch.ones(4, 8, dtype=torch.int32), torch.randn(8), TypeError, "x has dtype torch.int32"),
-        (torch.randn(4, 8), torch.randn(8, dtype=torch.float64), TypeError, "bias has dtype torch.float64"),
-        (torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16), TypeError, "float32 or x's"),
-        (torch.randn(4, 8), torch.randn(8, device="meta"), ValueError, "one device"),
-        (torch.randn(4, 8), [0.0] * 8, TypeError, "must be tensors"),
+        (lambda: (torch.randn(4, 8), torch.randn(9)), ValueError, r"bias has shape \(9,\), expected \(8,\)"),
+        (lambda: (torch.randn(4, 8), torch.randn(1, 8)), ValueError, "bias must be 1-D"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8)), ValueError, "bias must be 1-D"),
+        (lambda: (torch.randn(()), torch.randn(1)), ValueError, "at least one dimension"),
+        (lambda: (torch.randn(4, 0), torch.randn(0)), ValueError, "empty last dimension"),
+        (lambda: (torch.ones(4, 8, dtype=torch.int32), torch.randn(8)), TypeError, "x has dtype torch.int32"),
+        (lambda: (torch.randn(4, 8), torch.randn(8, dtype=torch.float64)), TypeError, "bias has dtype torch.float64"),
+        (lambda: (torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.float16)), TypeError,
+         "float32 or x's"),
+        (lambda: (torch.randn(4, 8), torch.randn(8, device="meta")), ValueError, "one device"),
+        (lambda: (torch.randn(4, 8), [0.0] * 8), TypeError, "must be tensors"),
     ],
 )
-def test_bad_input(x, bias, error, match):
+def test_bad_input(make, error, match):
     with pytest.raises(error, match=match):
-        bias_gelu(x, bias)
+        bias_gelu(*make())
 
 
 def test_compile_specs_cover_every_launch():

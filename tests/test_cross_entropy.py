@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cross_entropy import COMPILE_SPECS, CrossEntropyFunction, cross_entropy, linear_cross_entropy
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -42,35 +42,39 @@ def make_inputs(N, V, dtype, n_ignored=0, magnitude=1.0, ignore_index=-100, seed
     return logits, target
 
 
-def grad_output_for(reduction, N, dtype, seed=1):
-    """1 for "mean" (the loss.backward() path that hands the buffer on), 0.75 for "sum" (the path that
-    multiplies), random per-row weights for "none". All exact in bf16, so every side sees the same."""
+def grad_output_for(reduction, N, seed=1):
+    """The loss's gradient (fp32, as the loss): 1 for "mean" (the loss.backward() path that hands the
+    buffer on), 0.75 for "sum" (the path that multiplies), random per-row weights for "none", rounded
+    to bf16 values so that every side of a comparison sees the same weights."""
     if reduction == "mean":
-        return torch.tensor(1.0, dtype=dtype)
+        return torch.tensor(1.0)
     if reduction == "sum":
-        return torch.tensor(0.75, dtype=dtype)
+        return torch.tensor(0.75)
     g = seeded(seed)
-    return (torch.rand(N, generator=g) + 0.5).to(dtype)
+    return (torch.rand(N, generator=g) + 0.5).to(torch.bfloat16).float()
 
 
-def check_against_reference(logits, target, reduction, ignore_index=-100, max_block_v=ce.MAX_BLOCK_V):
-    """Loss and gradient of the kernel vs float64 book math, with F.cross_entropy in the same dtype as
-    the error to beat. Also: the loss has the logits' dtype, and the logits are unchanged afterwards."""
+def check_against_reference(logits, target, reduction, ignore_index=-100, max_block_v=0):
+    """Loss and gradient of the kernel vs float64 book math, with autocast's F.cross_entropy (fp32 math
+    on the given logits) as the error to beat. Also: the loss is fp32, the gradient has the logits'
+    dtype, and the logits are unchanged afterwards."""
     before = logits.clone()
     x = logits.requires_grad_()
     loss = CrossEntropyFunction.apply(x, target, ignore_index, reduction, max_block_v)
-    go = grad_output_for(reduction, logits.shape[0], logits.dtype)
+    go = grad_output_for(reduction, logits.shape[0])
     (grad,) = torch.autograd.grad(loss, x, go)
 
     xd = logits.detach().double().requires_grad_()
     exact = reference.cross_entropy(xd, target, ignore_index=ignore_index, reduction=reduction)
     (grad_exact,) = torch.autograd.grad(exact, xd, go.double())
 
+    # PyTorch as autocast runs it: F.cross_entropy in fp32 on the 16-bit logits, the gradient cast
+    # back to the logits' dtype. The kernel too accumulates in fp32 and returns an fp32 loss.
     xt = logits.detach().clone().requires_grad_()
-    torch_loss = F.cross_entropy(xt, target, ignore_index=ignore_index, reduction=reduction)
-    (torch_grad,) = torch.autograd.grad(torch_loss, xt, go)
+    torch_loss = F.cross_entropy(xt.float(), target, ignore_index=ignore_index, reduction=reduction)
+    (torch_grad,) = torch.autograd.grad(torch_loss, xt, go.float())
 
-    assert loss.dtype == logits.dtype and grad.dtype == logits.dtype
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
     assert_close_to_reference("loss", loss, exact, torch_loss)
     assert_close_to_reference("grad", grad, grad_exact, torch_grad)
     assert torch.equal(logits.detach(), before), "the logits were modified"
@@ -78,19 +82,20 @@ def check_against_reference(logits, target, reduction, ignore_index=-100, max_bl
 
 
 # (V, N, max_block_v): one chunk (V=5), many ragged chunks on a small vocabulary (1000 = 7 x 128 + 104),
-# the launcher's own choice for 1000 (one chunk of 1024), and GPT-2's vocabulary (12 x 4096 + 1105).
-SHAPES = [(5, 17, 4096), (1000, 9, 128), (1000, 5, 4096), (50257, 3, 4096)]
+# the launcher's own choice (0) for 1000 (one chunk of 1024), and for GPT-2's vocabulary: 12 x 4096 +
+# 1105 with the GPU's configuration, one block of 65,536 holding all 3 rows with the interpreter's.
+SHAPES = [(5, 17, 4096), (1000, 9, 128), (1000, 5, 0), (50257, 3, 0)]
 
 
 @pytest.mark.parametrize("V,N,max_block_v", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(poisoned_empty, V, N, max_block_v, reduction, dtype):
+def test_matches_reference(poisoned_empty, launch_configs, V, N, max_block_v, reduction, dtype):
     logits, target = make_inputs(N, V, dtype, n_ignored=max(1, N // 4), seed=V + N)
     check_against_reference(logits, target, reduction, max_block_v=max_block_v)
 
 
-def test_running_max_rescaling():
+def test_running_max_rescaling(launch_configs):
     # A rising ramp makes every chunk raise the running max, so the rescale d * exp(m - m') is taken
     # at every step; a flat-then-spike row puts the whole mass in the last, ragged chunk; a row that
     # starts with -inf logits has no finite max for two chunks.
@@ -119,7 +124,7 @@ def test_large_magnitude_logits(dtype):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_all_rows_ignored(poisoned_empty, reduction, dtype):
+def test_all_rows_ignored(poisoned_empty, launch_configs, reduction, dtype):
     for N in (5, 0):  # no rows at all counts as every row ignored: 0, not 0/0
         logits, target = make_inputs(N, 131, dtype, n_ignored=N, ignore_index=-1)
         x = logits.requires_grad_()
@@ -139,7 +144,7 @@ def test_ignore_index_that_is_a_class_id():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_logits_and_target(dtype):
+def test_strided_logits_and_target(launch_configs, dtype):
     # A slice of a wider tensor (row stride 200 != V = 131, a prime) and a non-contiguous target.
     N, V = 6, 131
     g = seeded(5)
@@ -172,7 +177,7 @@ def test_logits_unchanged_and_backward_repeatable():
     x = logits.requires_grad_()
     for reduction in REDUCTIONS:
         loss = cross_entropy(x, target, reduction=reduction)
-        go = grad_output_for(reduction, 9, torch.float16) * 3  # not 1: the multiplying path
+        go = grad_output_for(reduction, 9) * 3  # not 1: the multiplying path
         (g1,) = torch.autograd.grad(loss, x, go, retain_graph=True)
         (g2,) = torch.autograd.grad(loss, x, go)
         assert torch.equal(g1, g2)
@@ -249,10 +254,10 @@ def test_torch_compile_traces_without_graph_breaks():
     logits, target = make_inputs(N, V, torch.bfloat16, n_ignored=2, seed=10)
     for reduction in REDUCTIONS:
         fn = functools.partial(cross_entropy, target=target, reduction=reduction)
-        assert_compiles_like_eager(fn, (logits,), grad_output_for(reduction, N, torch.bfloat16))
+        assert_compiles_like_eager(fn, (logits,), grad_output_for(reduction, N))
     all_ignored = torch.full((N,), -100)
     fn = functools.partial(cross_entropy, target=all_ignored)
-    assert_compiles_like_eager(fn, (logits,), torch.tensor(1.0, dtype=torch.bfloat16))
+    assert_compiles_like_eager(fn, (logits,), torch.tensor(1.0))
 
     # Without autograd (the op's no-gradient path), and a bad target: the check still runs, at run time.
     compiled = torch.compile(cross_entropy, backend="aot_eager", fullgraph=True)
@@ -299,7 +304,7 @@ def test_linear_cross_entropy_matches_unfused(reduction, dtype):
     # 21 rows in chunks of 8: two full chunks and a ragged one of 5.
     N, C, V = 21, 24, 300
     x, weight, target = make_head_inputs(N, C, V, dtype, n_ignored=4, seed=8)
-    go = grad_output_for(reduction, N, dtype)
+    go = grad_output_for(reduction, N)
 
     xf, wf = x.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = linear_cross_entropy(xf, wf, target, reduction=reduction, chunk_size=8)
@@ -309,19 +314,21 @@ def test_linear_cross_entropy_matches_unfused(reduction, dtype):
     exact = reference.cross_entropy(xd @ wd.t(), target, reduction=reduction)
     exact_grads = torch.autograd.grad(exact, (xd, wd), go.double())
 
+    # Unfused as autocast runs it: the head in x's dtype, the loss in fp32 on its logits.
     xt, wt = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    unfused = F.cross_entropy(F.linear(xt, wt), target, reduction=reduction)
-    unfused_grads = torch.autograd.grad(unfused, (xt, wt), go)
+    unfused = F.cross_entropy(F.linear(xt, wt).float(), target, reduction=reduction)
+    unfused_grads = torch.autograd.grad(unfused, (xt, wt), go.float())
 
-    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
     assert_close_to_reference("loss", loss, exact, unfused)
     for name, g, e, u in zip(("grad_x", "grad_w"), grads, exact_grads, unfused_grads):
         assert_close_to_reference(name, g, e, u)
     assert torch.equal(xf.detach(), x) and torch.equal(wf.detach(), weight)
 
 
-def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad():
-    N, C, V = 13, 32, 257  # default chunk: ceil(13 / ceil(257 / 32)) = 2 rows, 7 chunks
+def test_linear_cross_entropy_default_chunks_frozen_head_and_no_grad(launch_configs):
+    # Default chunks: on a GPU ceil(13 / ceil(257 / 32)) = 2 rows, 7 chunks; in the interpreter one chunk.
+    N, C, V = 13, 32, 257
     x, weight, target = make_head_inputs(N, C, V, torch.float32, n_ignored=3, seed=9)
     exact = reference.cross_entropy(x.double() @ weight.double().t(), target)
     unfused = F.cross_entropy(F.linear(x, weight), target)
@@ -372,4 +379,4 @@ def test_linear_cross_entropy_compiles():
     x, weight, target = make_head_inputs(N, 16, 50, torch.float32, n_ignored=1, seed=13)
     for reduction in REDUCTIONS:
         fn = functools.partial(linear_cross_entropy, target=target, reduction=reduction, chunk_size=4)
-        assert_compiles_like_eager(fn, (x, weight), grad_output_for(reduction, N, torch.float32))
+        assert_compiles_like_eager(fn, (x, weight), grad_output_for(reduction, N))

@@ -19,7 +19,7 @@ from kernels.layer_norm import (
     add_layer_norm,
     layer_norm,
 )
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import assert_close_to_reference, assert_compiles_like_eager, launch_configs, poison_, seeded  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -68,7 +68,7 @@ def _params(N, dtype, seed=0):
         (3, 4096),  # MAX_N: the widest row, 16 warps
     ],
 )
-def test_matches_reference(dtype, shape):
+def test_matches_reference(launch_configs, dtype, shape):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
     _check(x, *_params(shape[-1], dtype))
@@ -87,7 +87,7 @@ def test_large_mean_rows():
     _check(torch.randn(5, 300) + 1000, *_params(300, torch.float32))
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(launch_configs):
     torch.manual_seed(3)
     w, b = _params(100, torch.float32)
     _check(torch.randn(9, 1000)[:, 100:877], *_params(777, torch.float32))  # column slice: rows 1000 apart
@@ -110,7 +110,7 @@ def test_broadcast_gradient():
         assert_close_to_reference(f"layer_norm {name}", g, e, t)
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(launch_configs):
     """Launchers into NaN-filled buffers: an element a program forgets shows up as NaN."""
     torch.manual_seed(5)
     M, N = 7, 777
@@ -136,28 +136,32 @@ def test_no_rows():
     assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
 
 
-N8 = torch.ones(8)
+def n8(dtype=torch.float32):
+    return torch.ones(8, dtype=dtype)
 
 
+# Each case builds its tensors inside the test (a lambda), on the test's device: built at collection
+# time they would be CPU tensors, and on a GPU the device check would fire before the check under test.
 @pytest.mark.parametrize(
-    "x, w, b, kwargs, error, match",
+    "make, kwargs, error, match",
     [
-        (torch.randn(4, 8), torch.ones(9), N8, {}, ValueError, r"weight has shape \(9,\), expected \(8,\)"),
-        (torch.randn(4, 8), N8, torch.ones(1, 8), {}, ValueError, r"bias has shape \(1, 8\), expected \(8,\)"),
-        (torch.randn(()), torch.ones(1), torch.ones(1), {}, ValueError, "at least one dimension"),
-        (torch.randn(2, 0), torch.ones(0), torch.ones(0), {}, ValueError, "1 to 4096 elements"),
-        (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1), {}, ValueError, "1 to 4096"),
-        (torch.ones(4, 8, dtype=torch.int64), N8, N8, {}, TypeError, "x has dtype torch.int64"),
-        (torch.randn(4, 8), N8.double(), N8, {}, TypeError, "weight has dtype torch.float64"),
-        (torch.randn(4, 8, dtype=torch.bfloat16), N8.half(), N8, {}, TypeError, "weight must be float32 or x's"),
-        (torch.randn(4, 8), N8, torch.ones(8, device="meta"), {}, ValueError, "one device"),
-        (torch.randn(4, 8), N8, N8, {"eps": 0.0}, ValueError, "eps must be a positive number"),
-        (torch.randn(4, 8), N8, None, {}, TypeError, "bias must be a tensor"),
+        (lambda: (torch.randn(4, 8), torch.ones(9), n8()), {}, ValueError, r"weight has shape \(9,\), expected \(8,\)"),
+        (lambda: (torch.randn(4, 8), n8(), torch.ones(1, 8)), {}, ValueError, r"bias has shape \(1, 8\), expected \(8,\)"),
+        (lambda: (torch.randn(()), torch.ones(1), torch.ones(1)), {}, ValueError, "at least one dimension"),
+        (lambda: (torch.randn(2, 0), torch.ones(0), torch.ones(0)), {}, ValueError, "1 to 4096 elements"),
+        (lambda: (torch.empty(1, MAX_N + 1), torch.ones(MAX_N + 1), torch.ones(MAX_N + 1)), {}, ValueError, "1 to 4096"),
+        (lambda: (torch.ones(4, 8, dtype=torch.int64), n8(), n8()), {}, TypeError, "x has dtype torch.int64"),
+        (lambda: (torch.randn(4, 8), n8(torch.float64), n8()), {}, TypeError, "weight has dtype torch.float64"),
+        (lambda: (torch.randn(4, 8, dtype=torch.bfloat16), n8(torch.half), n8()), {}, TypeError,
+         "weight must be float32 or x's"),
+        (lambda: (torch.randn(4, 8), n8(), torch.ones(8, device="meta")), {}, ValueError, "one device"),
+        (lambda: (torch.randn(4, 8), n8(), n8()), {"eps": 0.0}, ValueError, "eps must be a positive number"),
+        (lambda: (torch.randn(4, 8), n8(), None), {}, TypeError, "bias must be a tensor"),
     ],
 )
-def test_bad_input(x, w, b, kwargs, error, match):
+def test_bad_input(make, kwargs, error, match):
     with pytest.raises(error, match=match):
-        layer_norm(x, w, b, **kwargs)
+        layer_norm(*make(), **kwargs)
 
 
 def test_compile_specs_cover_every_launch():
@@ -234,14 +238,14 @@ def _check_add(x, r, w, b, dh="randn", dy="randn"):
         ((1, 7, 768), torch.float32),  # GPT-2 124M's width, 7 rows; fp32 parameters (the model's case)
     ],
 )
-def test_add_matches_reference(dtype, shape, param_dtype):
+def test_add_matches_reference(launch_configs, dtype, shape, param_dtype):
     torch.manual_seed(10)
     x = torch.randn(shape, dtype=dtype) * 2 + 0.5
     r = torch.randn(shape, dtype=dtype)
     _check_add(x, r, *_params(shape[-1], param_dtype or dtype, seed=10))
 
 
-def test_add_non_contiguous_inputs():
+def test_add_non_contiguous_inputs(launch_configs):
     torch.manual_seed(11)
     w, b = _params(37, torch.float32, seed=11)
     x = torch.randn(9, 100)[:, 20:57]  # column slice: rows 100 apart
@@ -260,7 +264,7 @@ def test_add_gradient_into_one_output():
     _check_add(x, r, w, b, dy=None)
 
 
-def test_add_every_output_element_is_written():
+def test_add_every_output_element_is_written(launch_configs):
     """The launchers with a residual, into NaN-filled buffers."""
     torch.manual_seed(13)
     M, N = 7, 37
@@ -289,28 +293,34 @@ def test_add_no_rows():
     assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
 
 
-X48 = torch.randn(4, 8)
+def x48():
+    return torch.randn(4, 8)
 
 
 @pytest.mark.parametrize(
-    "x, r, w, b, error, match",
+    "make, error, match",
     [
-        (X48, torch.randn(4, 9), N8, N8, ValueError, r"add_layer_norm: residual has shape \(4, 9\), expected x's"),
-        (X48, torch.randn(8), N8, N8, ValueError, r"residual has shape \(8,\)"),  # no broadcasting
-        (X48, X48.bfloat16(), N8, N8, TypeError, "residual has dtype torch.bfloat16, expected x's torch.float32"),
-        (X48, torch.ones(4, 8, dtype=torch.int32), N8, N8, TypeError, "residual has dtype torch.int32; supported"),
-        (X48, None, N8, N8, TypeError, "add_layer_norm: residual must be a tensor"),
-        (X48, torch.randn(4, 8, device="meta"), N8, N8, ValueError, "add_layer_norm: all inputs must be on one device"),
-        (X48, X48, torch.ones(9), N8, ValueError, r"add_layer_norm: weight has shape \(9,\)"),
-        (torch.randn(4, 8, dtype=torch.half),) * 2 + (N8.bfloat16(), N8, TypeError, "weight must be float32 or x's"),
-        (torch.randn(2, MAX_N + 1),) * 2 + (torch.ones(MAX_N + 1),) * 2 + (ValueError, "1 to 4096 elements"),
+        (lambda: (x48(), torch.randn(4, 9), n8(), n8()), ValueError,
+         r"add_layer_norm: residual has shape \(4, 9\), expected x's"),
+        (lambda: (x48(), torch.randn(8), n8(), n8()), ValueError, r"residual has shape \(8,\)"),  # no broadcasting
+        (lambda: (x48(), x48().bfloat16(), n8(), n8()), TypeError,
+         "residual has dtype torch.bfloat16, expected x's torch.float32"),
+        (lambda: (x48(), torch.ones(4, 8, dtype=torch.int32), n8(), n8()), TypeError,
+         "residual has dtype torch.int32; supported"),
+        (lambda: (x48(), None, n8(), n8()), TypeError, "add_layer_norm: residual must be a tensor"),
+        (lambda: (x48(), torch.randn(4, 8, device="meta"), n8(), n8()), ValueError,
+         "add_layer_norm: all inputs must be on one device"),
+        (lambda: (x48(), x48(), torch.ones(9), n8()), ValueError, r"add_layer_norm: weight has shape \(9,\)"),
+        (lambda: (torch.randn(4, 8, dtype=torch.half),) * 2 + (n8(torch.bfloat16), n8()), TypeError,
+         "weight must be float32 or x's"),
+        (lambda: (torch.randn(2, MAX_N + 1),) * 2 + (torch.ones(MAX_N + 1),) * 2, ValueError, "1 to 4096 elements"),
     ],
 )
-def test_add_bad_input(x, r, w, b, error, match):
+def test_add_bad_input(make, error, match):
     with pytest.raises(error, match=match):
-        add_layer_norm(x, r, w, b)
+        add_layer_norm(*make())
     with pytest.raises(ValueError, match="add_layer_norm: eps must be a positive number"):
-        add_layer_norm(X48, X48, N8, N8, eps=-1.0)
+        add_layer_norm(x48(), x48(), n8(), n8(), eps=-1.0)
 
 
 def test_add_torch_compile_traces_without_graph_breaks():
