@@ -93,6 +93,7 @@ from kernels._common import (
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
     next_power_of_2,
 )
 
@@ -110,6 +111,9 @@ NUM_STAGES = 2
 # millisecond whatever its size, so off-GPU a launch is fastest as few programs with long tiles: one
 # split per (sequence, head), keys in steps of up to this many (the kernel code is the same).
 INTERPRETER_MAX_BLOCK_N = 1024
+# With the GPU's configurations off-GPU (the compile check, tests), pretend an H100's SM count so
+# that a CPU run picks the splits a GPU would.
+_NOMINAL_SM_COUNT = 132
 
 LOG2E = 1.4426950408889634
 
@@ -307,12 +311,11 @@ def _decode_attention_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-def _block_config(Tq: int, D: int, L_max: int | None = None) -> dict:
-    """The constexprs the launcher picks (every GPU combination is listed in COMPILE_SPECS); with
-    L_max given and the interpreter on, its long key tiles instead."""
+def _block_config(Tq: int, D: int, L_max: int | None = None, interpreter: bool = False) -> dict:
+    """The constexprs the launcher picks: the GPU's, or (interpreter=True) long key tiles."""
     block_d = max(64, next_power_of_2(D))
     block_t = 1 if Tq == 1 else 16
-    if INTERPRET and L_max is not None:
+    if interpreter:
         block_n = min(max(next_power_of_2(L_max), 16), INTERPRETER_MAX_BLOCK_N)
     else:
         # Tq == 1: 4096-element K/V tiles, 32 fp32 registers per thread at 4 warps, for either head
@@ -320,6 +323,12 @@ def _block_config(Tq: int, D: int, L_max: int | None = None) -> dict:
         # (fp32 at D = 128 with 32 keys needs 255 registers on sm_90 and spills).
         block_n = (4096 if block_t == 1 else 2048) // block_d
     return {"BLOCK_T": block_t, "BLOCK_N": block_n, "BLOCK_D": block_d}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _NOMINAL_SM_COUNT
 
 
 def _choose_splits(L_max: int, BH: int, block_n: int, sm_count: int) -> int:
@@ -334,11 +343,10 @@ def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_sp
     """Launch split + combine on validated inputs. `num_splits` overrides the heuristic (tests)."""
     B, H, Tq, D = q.shape
     L_max = k_cache.shape[2]
-    cfg = _block_config(Tq, D, L_max)
-    if num_splits is None:
-        on_gpu = q.device.type == "cuda"
-        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else 0
-        num_splits = _choose_splits(L_max, B * H, cfg["BLOCK_N"], sm_count) if on_gpu else 1
+    interpreter = interpreter_configs(q.device)
+    cfg = _block_config(Tq, D, L_max, interpreter)
+    if num_splits is None:  # the interpreter: one split, so one long program per (sequence, head)
+        num_splits = 1 if interpreter else _choose_splits(L_max, B * H, cfg["BLOCK_N"], _sm_count(q.device))
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out

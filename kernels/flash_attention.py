@@ -105,6 +105,7 @@ from kernels._common import (
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
     next_power_of_2,
 )
 
@@ -681,7 +682,7 @@ def _flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, out=None, lse=N
     if q.numel() == 0:
         return o, lse
     assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (B, H, Tq) and lse.is_contiguous()
-    if config is None and INTERPRET:
+    if config is None and interpreter_configs(q.device):
         config = _interpreter_config(Tq, Tk)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -706,9 +707,10 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
     meta = _meta(q, k, causal)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     bucket = next_power_of_2(max(Tq, Tk))
-    if config is None and INTERPRET:
+    interpreter = interpreter_configs(q.device)
+    if config is None and interpreter:
         config = _interpreter_config(Tq, Tk)
-    pre_block_m = config["BLOCK_M"] if INTERPRET else _PRE_BLOCK_M
+    pre_block_m = config["BLOCK_M"] if interpreter else _PRE_BLOCK_M
     with device_guard(q.device):
         _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block_m), H, B)](
             o, do, delta, *o.stride(), *do.stride(), Tq,

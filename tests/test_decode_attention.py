@@ -20,7 +20,7 @@ from kernels.decode_attention import (
     decode_attention,
 )
 from kernels.reference import attention
-from accuracy import assert_close_to_reference, seeded
+from accuracy import assert_close_to_reference, launch_configs, seeded  # noqa: F401  (a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -54,7 +54,7 @@ def _check(name, out, q, k, v, seq_lens, sm_scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Tq, D", [(1, 64), (3, 80)])
-def test_matches_reference(dtype, Tq, D):
+def test_matches_reference(dtype, Tq, D, launch_configs):
     L_max = 67  # prime: the last key block is partial
     q, k, v, seq_lens = _make(3, 2, Tq, D, L_max, [Tq, L_max, 29], dtype)
     out = decode_attention(q, k, v, seq_lens)

@@ -24,7 +24,14 @@ from kernels.flash_attention import (
     _pruner,
     flash_attention,
 )
-from accuracy import DEVICE, assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import (  # noqa: F401  (launch_configs: a fixture)
+    DEVICE,
+    assert_close_to_reference,
+    assert_compiles_like_eager,
+    launch_configs,
+    poison_,
+    seeded,
+)
 
 
 def _fwd_bwd(fn, q, k, v, do, **kw):
@@ -86,7 +93,7 @@ def test_matches_float64(dtype, B, H, Tq, Tk, D, causal, sm_scale):
 # hazard this case is about is the same in every dtype, since the kernel's arithmetic is fp32.
 @pytest.mark.parametrize("sign,causal,dtype", [(1.0, True, torch.float32), (-1.0, True, torch.float32),
                                                (-1.0, False, torch.float16)])
-def test_huge_scores_are_stable(sign, causal, dtype):
+def test_huge_scores_are_stable(sign, causal, dtype, launch_configs):
     """Every score near +-120 (e^120 overflows fp32): the online softmax must subtract the running
     max, and the backward must not let exp2(score - LSE) overflow in the padded keys of the ragged
     last tile (where it would meet a zero k row and give inf * 0 = NaN)."""
@@ -100,7 +107,7 @@ def test_huge_scores_are_stable(sign, causal, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strided_views_of_one_qkv_tensor(dtype):
+def test_strided_views_of_one_qkv_tensor(dtype, launch_configs):
     """The model's call: q, k, v are permuted views of one (B, T, 3, H, D) projection, dO is
     non-contiguous, and the gradient lands in the fused tensor through PyTorch's view backward."""
     B, T, H, D = 2, 37, 2, 32
