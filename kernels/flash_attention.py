@@ -151,6 +151,8 @@ _PRE_BLOCK_M = 64  # the preprocess kernel is a plain row reduction: no tuning n
 # with tiles as large as the sequence (up to this side): one program per (batch, head) and one loop
 # step at T <= 256, about 10x faster than the GPU's 64 x 64 tiles. The kernel code is the same.
 INTERPRETER_MAX_BLOCK = 256
+# Dropout seeds are drawn below 2^31: a 32-bit kernel argument, like every other integer here.
+DROPOUT_SEED_BOUND = 2**31 - 1
 # Retune when the head dim, the dtype (Triton adds tensor dtypes to the key), causality or the
 # sequence length's power-of-two bucket changes; not for every distinct length.
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
@@ -272,13 +274,24 @@ def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, B
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p):
+    """The dropout mask of one (BLOCK_M, BLOCK_N) tile: True where P_ij is kept. A counter-based
+    generator (Philox, tl.rand) maps (seed, the element's flat index (bh * Tq + i) * Tk + j) to a
+    uniform number in [0, 1), so the forward and both backward kernels regenerate the very same mask
+    from the seed alone, whatever their tiles: it is never stored."""
+    offsets = (rng_row0 + offs_m[:, None]).to(tl.int64) * Tk + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,  # acc: (BLOCK_M, BLOCK_D) fp32, l_i/m_i: (BLOCK_M,) fp32, q: (BLOCK_M, BLOCK_D)
     K, V,  # K/V: this (batch, head)'s (Tk, D) slice, any strides
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi, Tk, diag, qk_scale,
+    seed, rng_row0, dropout_p, dropout_scale,  # dropout: see _dropout_keep
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -308,7 +321,11 @@ def _fwd_inner(
         # One fma per score: qk * qk_scale is never rounded on its own, so the only rounding of a
         # large score is in m_new, which is common to the whole row and cancels in acc / l.
         p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's sum: before dropout
+        if HAS_DROPOUT:
+            # -- drop P after the softmax: P_ij * Z_ij / (1 - p), Z the kept mask --
+            kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+            p = tl.where(kept, p * dropout_scale, 0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
@@ -316,7 +333,7 @@ def _fwd_inner(
 
 
 @autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _flash_attention_fwd_kernel(
     Q, K, V, O, LSE,  # Q/O: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides; LSE: (B, H, Tq) fp32 contiguous
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -324,8 +341,9 @@ def _flash_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     Tq, Tk, SEQ_BUCKET, sm_scale,  # SEQ_BUCKET: only an autotuning key
+    dropout_p, seed,  # attention dropout (HAS_DROPOUT): the probability and the mask's seed
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid: (cdiv(Tq, BLOCK_M), H, B): one program per query tile of one (batch, head)
     start_m = tl.program_id(0) * BLOCK_M
@@ -350,6 +368,8 @@ def _flash_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    rng_row0 = (b * tl.num_programs(1) + h) * Tq  # this (batch, head)'s first row in the mask's numbering
+    dropout_scale = 1.0 / (1.0 - dropout_p)
 
     diag = Tk - Tq  # bottom-right alignment: query i sees keys j <= i + diag
     if CAUSAL:
@@ -362,10 +382,12 @@ def _flash_attention_fwd_kernel(
         full_hi = (Tk // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32)
+                               seed, rng_row0, dropout_p, dropout_scale,
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
+                               seed, rng_row0, dropout_p, dropout_scale,
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
 
     o = acc * (1.0 / l_i)[:, None]  # BLOCK_M divisions, not BLOCK_M x BLOCK_D
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
@@ -402,9 +424,10 @@ def _bwd_dkdv_inner(
     dk, dv, kT, vT,  # dk/dv: (BLOCK_N, BLOCK_D) fp32 accumulators; kT/vT: (BLOCK_D, BLOCK_N) this program's keys
     Q, DO, LSE, DELTA,  # this (batch, head)'s Q/DO (Tq, D) slices and LSE/DELTA (Tq,) rows
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi, Tq, diag, qk_scale,
+    offs_n, offs_d, lo, hi, Tq, Tk, diag, qk_scale,
+    seed, rng_row0, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -438,15 +461,23 @@ def _bwd_dkdv_inner(
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             # A masked score may exceed the row's LSE by any amount: exp2 can overflow, so zero it.
             p = tl.where(keep, p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")  # += P^T dO
+        if HAS_DROPOUT:
+            # -- the forward's mask, regenerated: O = (P * Z / (1 - p)) V --
+            kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+            pd = tl.where(kept, p * dropout_scale, 0.0)
+        else:
+            pd = p
+        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision="ieee")  # += P_dropped^T dO
         dp = tl.dot(do, vT, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:  # dP = dP_dropped * Z / (1 - p)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")  # += dS^T q
     return dk, dv
 
 
 @autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _flash_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,  # Q/DO: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
     # LSE/DELTA: (B, H, Tq) fp32 contiguous
@@ -457,8 +488,9 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     Tq, Tk, SEQ_BUCKET, sm_scale,
+    dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid: (cdiv(Tk, BLOCK_N), H, B): one program per key tile; it alone writes those rows of dK, dV.
     start_n = tl.program_id(0) * BLOCK_N
@@ -485,6 +517,8 @@ def _flash_attention_bwd_dkdv_kernel(
         vT = vT.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    rng_row0 = (b * tl.num_programs(1) + h) * Tq
+    dropout_scale = 1.0 / (1.0 - dropout_p)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e), as in the forward
 
     # Query rows i see key j iff j <= i + diag. Keys past Tk need no mask here: row j of dK/dV
@@ -501,14 +535,17 @@ def _flash_attention_bwd_dkdv_kernel(
         full_lo = 0
     full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, lo, full_lo, Tq, diag, qk_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
+                             offs_n, offs_d, lo, full_lo, Tq, Tk, diag, qk_scale,
+                             seed, rng_row0, dropout_p, dropout_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, full_lo, full_hi, Tq, diag, qk_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32)
+                             offs_n, offs_d, full_lo, full_hi, Tq, Tk, diag, qk_scale,
+                             seed, rng_row0, dropout_p, dropout_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, full_hi, hi, Tq, diag, qk_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
+                             offs_n, offs_d, full_hi, hi, Tq, Tk, diag, qk_scale,
+                             seed, rng_row0, dropout_p, dropout_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -522,8 +559,9 @@ def _bwd_dq_inner(
     K, V,  # this (batch, head)'s K/V (Tk, D) slices
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi, Tk, diag, qk_scale,
+    seed, rng_row0, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -546,13 +584,16 @@ def _bwd_dq_inner(
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, vT, input_precision="ieee")
+        if HAS_DROPOUT:  # dP = dP_dropped * Z / (1 - p), Z regenerated as in the forward
+            kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
     return dq
 
 
 @autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _flash_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,  # Q/DO/DQ: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides;
     # LSE/DELTA: (B, H, Tq) fp32 contiguous
@@ -562,8 +603,9 @@ def _flash_attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     Tq, Tk, SEQ_BUCKET, sm_scale,
+    dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid: (cdiv(Tq, BLOCK_M), H, B): one program per query tile; it alone writes those rows of dQ.
     start_m = tl.program_id(0) * BLOCK_M
@@ -590,6 +632,8 @@ def _flash_attention_bwd_dq_kernel(
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e), as in the forward
+    rng_row0 = (b * tl.num_programs(1) + h) * Tq
+    dropout_scale = 1.0 / (1.0 - dropout_p)
 
     # The same key range and the same two stages as the forward pass.
     diag = Tk - Tq
@@ -601,10 +645,12 @@ def _flash_attention_bwd_dq_kernel(
         full_hi = (Tk // BLOCK_N) * BLOCK_N
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                        offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32)
+                       seed, rng_row0, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                        offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
+                       seed, rng_row0, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
@@ -638,7 +684,7 @@ def _check_inputs(q, k, v, causal: bool) -> None:
         )
 
 
-def _meta(q, k, causal):
+def _meta(q, k, causal, dropout_p):
     """The launch arguments that are not tensors or strides, shared by the fwd/dkdv/dq kernels."""
     D = q.shape[-1]
     return dict(
@@ -647,6 +693,7 @@ def _meta(q, k, causal):
         CAUSAL=bool(causal),
         # The interpreter's tl.dot cannot multiply bf16 tiles; widen them there. A GPU keeps bf16.
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+        HAS_DROPOUT=dropout_p > 0.0,  # p = 0 compiles the kernels without a line of dropout
     )
 
 
@@ -669,9 +716,24 @@ def _launch(kernel, grid, args, meta, config):
         kernel.fn[grid](*args, **meta, **config, num_warps=warps, num_stages=stages)
 
 
-def _flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, out=None, lse=None, config=None):
+def _check_dropout(dropout_p: float) -> float:
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def dropout_seed() -> int:
+    """A seed for the dropout mask, drawn from torch's default (CPU) generator: torch.manual_seed
+    makes a run's masks reproducible, and drawing needs no device synchronisation."""
+    return int(torch.randint(0, DROPOUT_SEED_BOUND, (), dtype=torch.int64).item())
+
+
+def flash_attention_forward(q, k, v, causal: bool, sm_scale: float, dropout_p: float = 0.0, seed: int = 0,
+                            out=None, lse=None, config=None):
     """Returns (o, lse): o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in log2 units (LSE2 above).
 
+    dropout_p > 0: P is dropped with the mask of `seed` (dropout_mask(seed, ...) returns it).
     `out`/`lse`, optional: buffers to write into (tests poison them to check every element is
     written). `config`, optional: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
     """
@@ -686,15 +748,17 @@ def _flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, out=None, lse=N
         config = _interpreter_config(Tq, Tk)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Tq, Tk, next_power_of_2(max(Tq, Tk)), float(sm_scale))
+            Tq, Tk, next_power_of_2(max(Tq, Tk)), float(sm_scale), float(dropout_p), int(seed))
     with device_guard(q.device):
-        _launch(_flash_attention_fwd_kernel, grid, args, _meta(q, k, causal), config)
+        _launch(_flash_attention_fwd_kernel, grid, args, _meta(q, k, causal, dropout_p), config)
     return o, lse
 
 
-def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, grads=None, config=None):
+def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, dropout_p: float = 0.0,
+                             seed: int = 0, grads=None, config=None):
     """Returns (dq, dk, dv), each in its input's shape and dtype. dO may have any strides (it is read
-    through its own strides, never copied). `grads`, optional: (dq, dk, dv) buffers to write into."""
+    through its own strides, never copied). dropout_p and seed: the forward's. `grads`, optional:
+    (dq, dk, dv) buffers to write into."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if grads is None:
@@ -704,13 +768,14 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
     dq, dk, dv = grads
     if q.numel() == 0:
         return dq, dk, dv
-    meta = _meta(q, k, causal)
+    meta = _meta(q, k, causal, dropout_p)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     bucket = next_power_of_2(max(Tq, Tk))
     interpreter = interpreter_configs(q.device)
     if config is None and interpreter:
         config = _interpreter_config(Tq, Tk)
     pre_block_m = config["BLOCK_M"] if interpreter else _PRE_BLOCK_M
+    rng = (float(sm_scale), float(dropout_p), int(seed))
     with device_guard(q.device):
         _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block_m), H, B)](
             o, do, delta, *o.stride(), *do.stride(), Tq,
@@ -719,14 +784,36 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
         grid_kv = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, B)  # noqa: E731
         args = (q, k, v, do, dk, dv, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                Tq, Tk, bucket, float(sm_scale))
+                Tq, Tk, bucket, *rng)
         _launch(_flash_attention_bwd_dkdv_kernel, grid_kv, args, meta, config)
         grid_q = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), H, B)  # noqa: E731
         args = (q, k, v, do, dq, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                Tq, Tk, bucket, float(sm_scale))
+                Tq, Tk, bucket, *rng)
         _launch(_flash_attention_bwd_dq_kernel, grid_q, args, meta, config)
     return dq, dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(MASK, seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid: (cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N), B * H); MASK: (B, H, Tq, Tk) int8, contiguous
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rng_row0 = tl.program_id(2).to(tl.int64) * Tq
+    kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+    ptrs = MASK + (rng_row0 + offs_m[:, None]) * Tk + offs_n[None, :]
+    tl.store(ptrs, kept.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+def dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device=None) -> torch.Tensor:
+    """The debug path: (B, H, Tq, Tk) bool, True where the kernels keep P_ij for this seed and p
+    (the same @triton.jit helper draws it, so it is the kernels' mask by construction)."""
+    mask = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
+    if mask.numel():
+        with device_guard(mask.device):
+            _dropout_mask_kernel[(triton.cdiv(Tq, 64), triton.cdiv(Tk, 64), B * H)](
+                mask, int(seed), float(dropout_p), Tq, Tk, BLOCK_M=64, BLOCK_N=64)
+    return mask.bool()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -734,57 +821,65 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
 # ----------------------------------------------------------------------------------------------
 # The launchers as PyTorch custom ops: opaque to torch.compile, which then traces through
 # FlashAttentionFunction without a graph break (it cannot trace into a Triton launch itself; the
-# fake implementations tell it the output shapes instead).
+# fake implementations tell it the output shapes instead). With dropout the forward op draws its
+# seed itself, inside the op (a draw from the generator traced by torch.compile would break the
+# graph), and returns it as a 0-d CPU tensor that the backward op reads.
 @torch.library.custom_op(
     "gpt_triton::flash_attention_fwd", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, float dropout_p)"
+    " -> (Tensor, Tensor, Tensor)",
 )
-def _flash_attention_fwd_op(q, k, v, causal, sm_scale):
-    return _flash_attention_fwd(q, k, v, causal, sm_scale)
+def _flash_attention_fwd_op(q, k, v, causal, sm_scale, dropout_p):
+    seed = dropout_seed() if dropout_p > 0.0 else 0
+    o, lse = flash_attention_forward(q, k, v, causal, sm_scale, dropout_p, seed)
+    return o, lse, torch.tensor(seed, dtype=torch.int64)
 
 
 @_flash_attention_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale):
+def _(q, k, v, causal, sm_scale, dropout_p):
     B, H, Tq, D = q.shape
-    return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
+    return (q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32),
+            torch.empty((), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op(
     "gpt_triton::flash_attention_bwd", mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float sm_scale)"
-    " -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor seed, bool causal,"
+    " float sm_scale, float dropout_p) -> (Tensor, Tensor, Tensor)",
 )
-def _flash_attention_bwd_op(do, q, k, v, o, lse, causal, sm_scale):
-    return _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale)
+def _flash_attention_bwd_op(do, q, k, v, o, lse, seed, causal, sm_scale, dropout_p):
+    return flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, int(seed.item()))
 
 
 @_flash_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, sm_scale):
+def _(do, q, k, v, o, lse, seed, causal, sm_scale, dropout_p):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        o, lse = _flash_attention_fwd_op(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)  # O(T * D) per head: no (T, T) matrix is kept
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+    def forward(ctx, q, k, v, causal: bool, sm_scale: float, dropout_p: float):
+        o, lse, seed = _flash_attention_fwd_op(q, k, v, causal, sm_scale, dropout_p)
+        # O(T * D) per head: no (T, T) matrix is kept, not even the dropout mask (the seed is)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _flash_attention_bwd_op(do, q, k, v, o, lse, seed, ctx.causal, ctx.sm_scale, ctx.dropout_p)
+        return dq, dk, dv, None, None, None
 
 
-def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None):
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None, dropout_p: float = 0.0):
     """softmax(q k^T * sm_scale + causal mask) v, fused; differentiable.
 
     q: (B, H, Tq, D), k/v: (B, H, Tk, D), any strides (views of one fused QKV tensor work without a
     copy), fp32/fp16/bf16, 16 <= D <= 128. causal=True aligns the mask bottom-right (needs Tk >= Tq):
-    query i sees keys j <= i + (Tk - Tq). sm_scale defaults to 1/sqrt(D). Returns (B, H, Tq, D) in
-    q's dtype.
+    query i sees keys j <= i + (Tk - Tq). sm_scale defaults to 1/sqrt(D). dropout_p > 0 drops
+    attention probabilities as nn.Dropout would (kept ones scaled by 1 / (1 - p)), with a mask drawn
+    in the kernels from a seed of torch's generator. Returns (B, H, Tq, D) in q's dtype.
     """
     _check_inputs(q, k, v, causal)
     if sm_scale is None:
@@ -792,7 +887,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     sm_scale = float(sm_scale)
     if not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"{OP}: sm_scale must be finite and > 0, got {sm_scale}")
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, _check_dropout(dropout_p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,8 +908,10 @@ def _signature(kernel, dtype) -> dict:
             sig[p.name] = "constexpr"
         elif p.name in _FP32_POINTERS:
             sig[p.name] = "*fp32"
-        elif p.name == "sm_scale":
+        elif p.name in ("sm_scale", "dropout_p"):
             sig[p.name] = "fp32"
+        elif p.name == "seed":
+            sig[p.name] = "i32"
         elif p.name.startswith("stride_") and not p.name.endswith("d"):
             # Batch, head and row strides of (B, H, T, D) tensors with D a multiple of 16 (every
             # GPT head dim, and the fused QKV views: row stride 3 * H * D) are multiples of 16,
@@ -839,7 +936,7 @@ def _compile_specs() -> list:
     for dtype in FLOAT_DTYPES:
         for head_dim in (64, 128):
             name = f"{_TRITON_DTYPE[dtype]}.d{head_dim}"
-            base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, DOT_FP32=False)
+            base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, DOT_FP32=False, HAS_DROPOUT=False)
             for label, kind, kernel in (
                 ("fwd", "fwd", _flash_attention_fwd_kernel),
                 ("bwd_dkdv", "dkdv", _flash_attention_bwd_dkdv_kernel),

@@ -92,12 +92,8 @@ class FusedOps:
         _kernels()  # fail at the switch, not at the first forward, if Triton cannot be imported
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
-        if dropout_p > 0.0:
-            raise ValueError(
-                "the fused attention kernel does not implement attention dropout; "
-                "use drop_rate=0 with --fused, or the PyTorch path"
-            )
-        return _kernels().flash_attention(q, k, v, causal=causal)
+        # dropout_p > 0 only while training (the model passes 0 in eval): dropped inside the kernel
+        return _kernels().flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
         # The KV cache has checked the lengths once for this step: no device-to-host sync per layer.

@@ -19,15 +19,18 @@ from kernels.flash_attention import (
     _DKDV_CONFIGS,
     _DQ_CONFIGS,
     _FWD_CONFIGS,
-    _flash_attention_bwd,
-    _flash_attention_fwd,
     _pruner,
     flash_attention,
+    dropout_mask,
+    dropout_seed,
+    flash_attention_backward,
+    flash_attention_forward,
 )
 from accuracy import (  # noqa: F401  (launch_configs: a fixture)
     DEVICE,
     assert_close_to_reference,
     assert_compiles_like_eager,
+    forward_backward,
     launch_configs,
     poison_,
     seeded,
@@ -159,11 +162,11 @@ def test_every_block_shape_writes_every_output(causal):
     for bm, bn in BLOCK_PAIRS:
         config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
         o, lse = poison_(torch.empty_like(q)), poison_(torch.empty(B, H, Tq))
-        _flash_attention_fwd(q, k, v, causal, sm_scale, out=o, lse=lse, config=config)
+        flash_attention_forward(q, k, v, causal, sm_scale, out=o, lse=lse, config=config)
         assert_close_to_reference(f"o {bm}x{bn}", o, exact[0], base[0])
         assert_close_to_reference(f"lse {bm}x{bn}", lse, exact_lse, base_lse)
         grads = tuple(poison_(torch.empty_like(t)) for t in (q, k, v))
-        _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
+        flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
         for name, got, want, ref in zip(("dq", "dk", "dv"), grads, exact[1:], base[1:]):
             assert_close_to_reference(f"{name} {bm}x{bn}", got, want, ref)
 
@@ -195,8 +198,8 @@ def test_causal_block_skipping_proved(Tq, Tk):
     q, k, v, do = _qkvdo(1, 1, Tq, Tk, D, torch.float32, seed=6)
 
     def run(q, k, v, do, config):
-        o, lse = _flash_attention_fwd(q, k, v, True, sm_scale, config=config)
-        dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, True, sm_scale, config=config)
+        o, lse = flash_attention_forward(q, k, v, True, sm_scale, config=config)
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, True, sm_scale, config=config)
         return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
 
     def assert_same(name, got, want):
@@ -301,3 +304,104 @@ def test_inputs_on_two_devices_raise():
 def test_torch_compile_traces_without_graph_breaks():
     q, k, v, do = _qkvdo(1, 2, 37, 53, 32, torch.float32, seed=4)
     assert_compiles_like_eager(lambda q, k, v: flash_attention(q, k, v, causal=True), (q, k, v), do)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention dropout inside the kernels
+# ----------------------------------------------------------------------------------------------
+def _attention_with_mask(q, k, v, keep, p, causal):
+    """The book's attention with nn.Dropout's arithmetic on the probabilities, for a given mask."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    if causal:
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1) * keep / (1.0 - p)  # dropped after the softmax
+    return weights.to(v.dtype) @ v
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_one_minus_p(p):
+    """The kept fraction is 1 - p within 5 standard deviations, and the mask is not one pattern
+    repeated over rows, heads or batches."""
+    B, H, Tq, Tk = 2, 3, 100, 130
+    keep = dropout_mask(dropout_seed(), B, H, Tq, Tk, p, device=DEVICE)
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), frac
+    assert (keep[0, 0] != keep[0, 1]).any() and (keep[0] != keep[1]).any()
+    assert (keep[0, 0, 0] != keep[0, 0, 1]).any()
+    row_fracs = keep.float().mean(-1)  # each row's kept fraction, about 1 - p too
+    assert (row_fracs - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / Tk)
+
+
+DROPOUT_CASES = [
+    # dtype,        B, H,  Tq,  Tk,  D, causal
+    (torch.float32, 1, 2, 100, 100, 32, True),
+    (torch.bfloat16, 2, 1, 37, 100, 64, True),
+    (torch.float16, 1, 1, 50, 77, 16, False),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,Tq,Tk,D,causal", DROPOUT_CASES)
+def test_dropout_matches_reference_with_the_same_mask(dtype, B, H, Tq, Tk, D, causal, launch_configs):
+    """Output and gradients equal the float64 reference applied with the kernels' own mask (by the
+    2x-PyTorch rule), whatever tiles the forward and the two backward kernels use: each regenerates
+    the mask from the seed, none stores it."""
+    p = 0.2
+    q, k, v, do = _qkvdo(B, H, Tq, Tk, D, dtype, seed=8)
+    torch.manual_seed(11)
+    keep = dropout_mask(dropout_seed(), B, H, Tq, Tk, p, device=DEVICE)
+    torch.manual_seed(11)  # the op draws the same seed from torch's generator
+    ours = _fwd_bwd(flash_attention, q, k, v, do, causal=causal, dropout_p=p)
+
+    def ref(q, k, v):
+        return _attention_with_mask(q, k, v, keep, p, causal)
+
+    exact = _fwd_bwd(ref, q.double(), k.double(), v.double(), do.double())
+    base = _fwd_bwd(ref, q, k, v, do)
+    for name, got, want, torch_out in zip(("o", "dq", "dk", "dv"), ours, exact, base):
+        assert_close_to_reference(f"dropout {name}", got, want, torch_out)
+
+
+def test_dropout_same_seed_same_result_and_p0_is_no_dropout():
+    q, k, v, do = _qkvdo(1, 2, 70, 70, 16, torch.float32, seed=9)
+
+    def run(seed, p):
+        torch.manual_seed(seed)
+        return _fwd_bwd(flash_attention, q, k, v, do, dropout_p=p)
+
+    first, again, other = run(3, 0.3), run(3, 0.3), run(4, 0.3)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    # p = 0: the kernels without a line of dropout (HAS_DROPOUT=False), and no draw from the generator
+    state = torch.get_rng_state()
+    for a, b in zip(_fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0), _fwd_bwd(flash_attention, q, k, v, do)):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_bad_dropout_raises(p):
+    q, k, v = _bad()
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attention(q, k, v, dropout_p=p)
+
+
+def test_torch_compile_with_dropout():
+    """The seed is drawn inside the custom op, so torch.compile traces dropout without a graph break,
+    and, seeded alike, compiled and eager runs use one mask."""
+    q, k, v, do = _qkvdo(1, 2, 37, 53, 32, torch.float32, seed=4)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, dropout_p=0.25)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    got = forward_backward(compiled, (q, k, v), do)
+    torch.manual_seed(5)
+    want = forward_backward(fn, (q, k, v), do)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
