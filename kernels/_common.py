@@ -91,6 +91,8 @@ if INTERPRET:
 # Dtypes every kernel accepts. Loads are cast to fp32 before arithmetic (the interpreter cannot do
 # bf16 math, and fp32 accumulation is what makes the results accurate); stores cast back.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# log2(e): the attention kernels work in base 2, exp(x) = exp2(x * LOG2E) (one hardware instruction).
+LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
