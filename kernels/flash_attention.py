@@ -99,6 +99,7 @@ import torch
 from kernels._common import (
     FLOAT_DTYPES,
     INTERPRET,
+    LOG2E,
     CompileSpec,
     autotune,
     check_device,
@@ -113,6 +114,7 @@ import triton  # noqa: E402  (after kernels._common, which may switch on the int
 import triton.language as tl  # noqa: E402
 
 OP = "flash_attention"
+_LOG2E = tl.constexpr(LOG2E)  # kernels read globals only as constexprs
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs K >= 16; D > 128 would need smaller tiles than these
 
 
@@ -273,6 +275,101 @@ def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, B
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# The building blocks, named once: the forward and both backward kernels call these, so that the
+# tiles they load, the scores they compute, the probabilities they rebuild, the loop bounds they
+# skip by and the dropout mask they draw are the same code, not copies that could drift. In
+# particular the backward's scores are the forward's bit for bit by construction: one helper
+# computes q @ kT for all three, the same operands in the same order.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, offs, n, stride_t, stride_d, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
+               DOT_FP32: tl.constexpr):
+    """Rows `offs` of a (T, D) slice as a (rows, BLOCK_D) tile; rows >= n masked when ROW_MASK (a
+    ragged or out-of-range tile). DOT_FP32: widened for the interpreter's dot."""
+    d_ok = offs_d < HEAD_DIM
+    ptrs = base + offs[:, None] * stride_t + offs_d[None, :] * stride_d
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=(offs[:, None] < n) & d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_rows_T(base, offs, n, stride_t, stride_d, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """The same rows loaded already transposed, (BLOCK_D, rows): the right operand of q @ kT and
+    dO @ vT, with no shuffle in registers."""
+    d_ok = offs_d < HEAD_DIM
+    ptrs = base + offs[None, :] * stride_t + offs_d[:, None] * stride_d
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=d_ok[:, None] & (offs[None, :] < n), other=0.0)
+    else:
+        x = tl.load(ptrs, mask=d_ok[:, None], other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores(q, kT):
+    """Raw scores q . k_j of one tile, (BLOCK_M, BLOCK_N) fp32: the product every kernel computes."""
+    return tl.dot(q, kT, input_precision="ieee")
+
+
+@triton.jit
+def _exp2_scores(qk, qk_scale, shift):
+    """exp2(qk * qk_scale - shift) per row, with one rounding (an fma): the forward's running
+    probabilities (shift = the running max m) and the backward's P (shift = the saved LSE2)."""
+    return tl.exp2(tl.fma(qk, qk_scale, -shift[:, None]))
+
+
+@triton.jit
+def _causal(keep, offs_m, offs_n, diag, CAUSAL: tl.constexpr):
+    """keep, and (when CAUSAL) key j <= query i + diag: the mask aligned bottom-right."""
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+    return keep
+
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_hi, hi): query tile start_m visits key tiles [0, full_hi) unmasked, then [full_hi, hi)
+    masked, and none past hi (the forward and the dQ kernel)."""
+    if CAUSAL:
+        diag = Tk - Tq
+        # Stop at the last key the tile's last real row can see: the skipped tiles are never loaded.
+        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
+        # Tiles ending at or before the tile's first row's diagonal (and inside Tk) need no mask.
+        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Tk
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
+def _query_range(start_n, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(lo, full_lo, full_hi, hi): key tile start_n is seen by query tiles [lo, hi): masked in
+    [lo, full_lo) (the diagonal) and [full_hi, hi) (the ragged last tile), unmasked between; the
+    tiles above lo are skipped (the dK/dV kernel)."""
+    hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        diag = Tk - Tq
+        # First query tile with a row that sees this tile's first key: everything above is skipped.
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        # First query tile whose every row sees this tile's last key: unmasked from there on.
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, hi)
+    else:
+        lo = 0
+        full_lo = 0
+    full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
+    return lo, full_lo, full_hi, hi
+
+
 @triton.jit
 def _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p):
     """The dropout mask of one (BLOCK_M, BLOCK_N) tile: True where P_ij is kept. A counter-based
@@ -293,39 +390,29 @@ def _fwd_inner(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        # k is loaded already transposed, (BLOCK_D, BLOCK_N), so that q @ kT needs no shuffle.
-        kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        # -- load k (transposed) and v; scores q.k, masked past Tk and above the diagonal --
+        kT = _load_rows_T(K, offs_n, Tk, stride_kt, stride_kd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        v = _load_rows(V, offs_n, Tk, stride_vt, stride_vd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        qk = _scores(q, kT)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            kT = kT.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, kT, input_precision="ieee")  # (BLOCK_M, BLOCK_N) raw scores q.k
-        if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(_causal(offs_n[None, :] < Tk, offs_m, offs_n, diag, CAUSAL), qk, float("-inf"))
+        # -- the new running max m', and alpha = exp2(m - m') --
         # Every row has seen key 0 by the end of its first tile, so m_new is finite and
         # exp2(-inf - m_new) = 0 handles both the initial m_i = -inf and the masked scores.
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units (qk_scale > 0 keeps the argmax)
         alpha = tl.exp2(m_i - m_new)
         # One fma per score: qk * qk_scale is never rounded on its own, so the only rounding of a
         # large score is in m_new, which is common to the whole row and cancels in acc / l.
-        p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
+        p = _exp2_scores(qk, qk_scale, m_new)
+        # -- rescale l by alpha, add this tile's sum --
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's sum: before dropout
         if HAS_DROPOUT:
             # -- drop P after the softmax: P_ij * Z_ij / (1 - p), Z the kept mask --
             kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
             p = tl.where(kept, p * dropout_scale, 0.0)
+        # -- rescale acc by alpha, add p v --
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
@@ -359,11 +446,8 @@ def _flash_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) in: exp(x) = exp2(x * log2 e)
+    q = _load_rows(Q, offs_m, Tq, stride_qt, stride_qd, offs_d, HEAD_DIM, True, DOT_FP32)
+    qk_scale = sm_scale * _LOG2E  # fold log2(e) in: exp(x) = exp2(x * log2 e)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -372,14 +456,7 @@ def _flash_attention_fwd_kernel(
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
     diag = Tk - Tq  # bottom-right alignment: query i sees keys j <= i + diag
-    if CAUSAL:
-        # Stop at the last key the tile's last real row can see: the skipped tiles are never loaded.
-        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
-        # Tiles ending at or before the tile's first row's diagonal (and inside Tk) need no mask.
-        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Tk
-        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    full_hi, hi = _key_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
                                seed, rng_row0, dropout_p, dropout_scale,
@@ -429,44 +506,35 @@ def _bwd_dkdv_inner(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-        do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        # -- load q, dO and the rows' LSE2 and Delta --
+        q = _load_rows(Q, offs_m, Tq, stride_qt, stride_qd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        do = _load_rows(DO, offs_m, Tq, stride_dot, stride_dod, offs_d, HEAD_DIM, MASKED, DOT_FP32)
         if MASKED:
-            row_ok = offs_m < Tq
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+            lse2 = tl.load(LSE + offs_m, mask=offs_m < Tq, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
         else:
-            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             lse2 = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         # Recompute this tile of P from q, k and the saved log-sum-exp, with the very dot and fma
         # the forward used (q @ kT, not k @ qT): the same sums in the same order give bit-identical
         # scores, so in fp32 the recomputed P is the forward's P. Computing k @ qT instead would save
         # the two transposes below but lets the rounding differ (NumPy's BLAS, the interpreter's
         # matmul, does differ), and with P nearly one-hot exp2 turns a 1e-5 score difference into a
         # 1e-5 relative error in every gradient.
-        p = tl.exp2(tl.fma(tl.dot(q, kT, input_precision="ieee"), qk_scale, -lse2[:, None]))  # (BLOCK_M, BLOCK_N)
+        # -- P = exp2(q.k * qk_scale - LSE2), the forward's scores rebuilt --
+        p = _exp2_scores(_scores(q, kT), qk_scale, lse2)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            keep = offs_m[:, None] < Tq
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             # A masked score may exceed the row's LSE by any amount: exp2 can overflow, so zero it.
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_causal(offs_m[:, None] < Tq, offs_m, offs_n, diag, CAUSAL), p, 0.0)
         if HAS_DROPOUT:
             # -- the forward's mask, regenerated: O = (P * Z / (1 - p)) V --
             kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
             pd = tl.where(kept, p * dropout_scale, 0.0)
         else:
             pd = p
+        # -- dV += P^T dO; dP = dO v^T; dS = P (dP - Delta); dK += dS^T q --
         dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision="ieee")  # += P_dropped^T dO
         dp = tl.dot(do, vT, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:  # dP = dP_dropped * Z / (1 - p)
@@ -509,31 +577,18 @@ def _flash_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
     # Loaded once, already transposed (BLOCK_D, BLOCK_N): the operands of q @ kT and dO @ vT.
-    kvT_mask = (offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < Tk)
-    kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=kvT_mask, other=0.0)
-    vT = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=kvT_mask, other=0.0)
-    if DOT_FP32:
-        kT = kT.to(tl.float32)
-        vT = vT.to(tl.float32)
+    kT = _load_rows_T(K, offs_n, Tk, stride_kt, stride_kd, offs_d, HEAD_DIM, True, DOT_FP32)
+    vT = _load_rows_T(V, offs_n, Tk, stride_vt, stride_vd, offs_d, HEAD_DIM, True, DOT_FP32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     rng_row0 = (b * tl.num_programs(1) + h) * Tq
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e), as in the forward
+    qk_scale = sm_scale * _LOG2E  # as in the forward
 
     # Query rows i see key j iff j <= i + diag. Keys past Tk need no mask here: row j of dK/dV
     # depends only on key j, and rows past Tk are never stored.
     diag = Tk - Tq
-    hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        # First query tile with a row that sees this tile's first key: everything above is skipped.
-        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-        # First query tile whose every row sees this tile's last key: unmasked from there on.
-        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, hi)
-    else:
-        lo = 0
-        full_lo = 0
-    full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
+    lo, full_lo, full_hi, hi = _query_range(start_n, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
                              offs_n, offs_d, lo, full_lo, Tq, Tk, diag, qk_scale,
                              seed, rng_row0, dropout_p, dropout_scale,
@@ -563,26 +618,15 @@ def _bwd_dq_inner(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        vT_ptrs = V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+        # -- load k and v (transposed); P = exp2(q.k * qk_scale - LSE2), the forward's scores rebuilt --
+        kT = _load_rows_T(K, offs_n, Tk, stride_kt, stride_kd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        vT = _load_rows_T(V, offs_n, Tk, stride_vt, stride_vd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        p = _exp2_scores(_scores(q, kT), qk_scale, lse2)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
-            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        if DOT_FP32:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
-        p = tl.exp2(tl.fma(tl.dot(q, kT, input_precision="ieee"), qk_scale, -lse2[:, None]))  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_causal(offs_n[None, :] < Tk, offs_m, offs_n, diag, CAUSAL), p, 0.0)
+        # -- dP = dO v^T; dS = P (dP - Delta); dQ += dS k --
         dp = tl.dot(do, vT, input_precision="ieee")
         if HAS_DROPOUT:  # dP = dP_dropped * Z / (1 - p), Z regenerated as in the forward
             kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
@@ -623,26 +667,18 @@ def _flash_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q, offs_m, Tq, stride_qt, stride_qd, offs_d, HEAD_DIM, True, DOT_FP32)
+    do = _load_rows(DO, offs_m, Tq, stride_dot, stride_dod, offs_d, HEAD_DIM, True, DOT_FP32)
     lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e), as in the forward
+    qk_scale = sm_scale * _LOG2E  # as in the forward
     rng_row0 = (b * tl.num_programs(1) + h) * Tq
     dropout_scale = 1.0 / (1.0 - dropout_p)
 
     # The same key range and the same two stages as the forward pass.
     diag = Tk - Tq
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
-        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Tk
-        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    full_hi, hi = _key_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                        offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
                        seed, rng_row0, dropout_p, dropout_scale,
