@@ -30,24 +30,6 @@ running statistics and the output accumulator stay in registers. k and v are re-
 tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask: 8.5 with 64-row
 tiles), but one head's k and v are 256 KiB, so those re-reads are served by L2.
 
-The online softmax
-------------------
-A row of P needs the max and the sum over *all* keys, but the kernel sees the keys one tile at a
-time. It keeps, per query row, the running max m, the running sum l = sum_j exp(s_j - m) and the
-unnormalised output acc = sum_j exp(s_j - m) v_j. When a new tile raises the max to m', everything
-accumulated so far was scaled by exp(-m) and must be scaled by exp(-m') instead, so
-
-    alpha = exp(m - m');   l <- alpha * l + sum_j exp(s_j - m');   acc <- alpha * acc + exp(s - m') v
-
-and at the end O = acc / l. All of this is in fp32 whatever the input dtype. We work in base 2:
-exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale once (qk_scale = scale * log2 e),
-so each score costs one fma, qk * qk_scale - m, and one exp2 (a single hardware instruction). The
-fma matters for accuracy, not only speed: a score of 100 rounded on its own is off by ~4e-6, which
-exp turns into a 4e-6 relative error; inside the fma only m is rounded, and m is common to the row.
-The only statistic saved for backward is the log-sum-exp per row, in the same base-2 units:
-LSE2 = m + log2(l) = log2 sum_j 2^(qk_scale q.k_j) (= torch.logsumexp(S, -1) * log2 e), so that the
-backward rebuilds P = exp2(qk * qk_scale - LSE2) with one fma and no conversion.
-
 Causal block skipping
 ---------------------
 A query tile [m0, m0 + BLOCK_M) sees keys up to min(m0 + BLOCK_M, Tq) - 1 + (Tk - Tq). Key tiles past
@@ -57,36 +39,21 @@ all, so the loop runs in two stages: an unmasked stage over full tiles, then a m
 few tiles that straddle the diagonal or the end of the sequence. The stage boundaries are computed
 from m0, BLOCK_M, BLOCK_N and Tk - Tq, so they are right for any pair of block sizes.
 
-Backward: recompute instead of store
-------------------------------------
-With dO the incoming gradient and Delta_i = sum_j P_ij dP_ij = dO_i . O_i (one dot per row):
-
-    dV = P^T dO        dP = dO v^T        dS = P * (dP - Delta)        dQ = scale dS k        dK = scale dS^T q
-
-P is never stored: each tile of it is rebuilt from q, k and the saved LSE2 as exp2(qk_scale q k^T -
-LSE2), which costs recomputing q k^T but saves reading T^2 probabilities back from HBM. The rebuilt
-P must match the forward's closely: where a row of P is nearly one-hot, a score off by 1e-5 makes a
-1e-5 relative error in every gradient. So both backward kernels compute q @ k^T exactly as the
-forward did (same operands, same order, same fma), which makes the fp32 P bit-identical. What
-remains is the rounding of the saved LSE2 itself, half an ulp of |LSE2|, a relative error common to
-a whole row of P: below 5e-7 for ordinary scores (|LSE2| < 16), but 5e-6 when scores reach +-120,
-where fp32 gradients land ~3x further from exact than PyTorch's unfused softmax (which normalises
-each row to 6e-8). That is the price of saving one fp32 number per row instead of T^2. Three
-kernels, as in FlashAttention-2, none with atomics:
-  1. preprocess: Delta = rowsum(dO * O), (B, H, Tq) fp32.
-  2. dK/dV: one program per key tile; it loops over the query tiles that can see it (from the
-     diagonal down, so causal skipping again) and owns its rows of dK and dV outright. It needs
-     P^T and dS^T, and transposes the (BLOCK_M, BLOCK_N) tiles in registers rather than computing
-     k @ q^T directly, which could round differently (see above).
-  3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
-Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
-exactly one program, which is what makes atomics unnecessary.
+The online softmax (derived above the forward's inner loop) keeps per query row a running max, a
+running sum and an unnormalised output, and saves one log-sum-exp per row; the backward (derived
+above its kernels) rebuilds P from it instead of storing P.
 
 Dtypes: fp32 inputs use input_precision="ieee" dots (a GPU would otherwise use TF32 and miss fp32
 PyTorch by ~1e-3); Triton runs those as FMA loops, which only fit the registers with small tiles
 (see _CONFIGS_FP32). fp16/bf16 feed tl.dot in their own dtype with fp32 accumulation, casting P and
 dS down to the input dtype before their dots, as FlashAttention does. Triton's interpreter cannot
 multiply bf16 tiles, so there (only) bf16 tiles are widened to fp32 first (DOT_FP32).
+
+Reading order: configurations (the GPU's autotuned tiles, the interpreter's), the lesson's counts,
+the building blocks every kernel shares (tile loads, scores, P, the causal bounds, the dropout
+mask), the forward with the online softmax derived above it, the backward with its derivation,
+the launchers (`flash_attention_forward`, `flash_attention_backward`), the custom ops and the
+autograd.Function, the public `flash_attention`, and the compile specs.
 """
 
 from __future__ import annotations
@@ -273,9 +240,6 @@ def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, B
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------
 # The building blocks, named once: the forward and both backward kernels call these, so that the
 # tiles they load, the scores they compute, the probabilities they rebuild, the loop bounds they
 # skip by and the dropout mask they draw are the same code, not copies that could drift. In
@@ -380,6 +344,25 @@ def _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
+# ----------------------------------------------------------------------------------------------
+# Forward. The online softmax:
+#
+# A row of P needs the max and the sum over *all* keys, but the kernel sees the keys one tile at a
+# time. It keeps, per query row, the running max m, the running sum l = sum_j exp(s_j - m) and the
+# unnormalised output acc = sum_j exp(s_j - m) v_j. When a new tile raises the max to m', everything
+# accumulated so far was scaled by exp(-m) and must be scaled by exp(-m') instead, so
+#
+#     alpha = exp(m - m');   l <- alpha * l + sum_j exp(s_j - m');   acc <- alpha * acc + exp(s - m') v
+#
+# and at the end O = acc / l. All of this is in fp32 whatever the input dtype. We work in base 2:
+# exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale once (qk_scale = scale * log2 e),
+# so each score costs one fma, qk * qk_scale - m, and one exp2 (a single hardware instruction). The
+# fma matters for accuracy, not only speed: a score of 100 rounded on its own is off by ~4e-6, which
+# exp turns into a 4e-6 relative error; inside the fma only m is rounded, and m is common to the row.
+# The only statistic saved for backward is the log-sum-exp per row, in the same base-2 units:
+# LSE2 = m + log2(l) = log2 sum_j 2^(qk_scale q.k_j) (= torch.logsumexp(S, -1) * log2 e), so that the
+# backward rebuilds P = exp2(qk * qk_scale - LSE2) with one fma and no conversion.
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,  # acc: (BLOCK_M, BLOCK_D) fp32, l_i/m_i: (BLOCK_M,) fp32, q: (BLOCK_M, BLOCK_D)
@@ -473,7 +456,36 @@ def _flash_attention_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward
+# Backward: recompute instead of store.
+#
+# With dO the incoming gradient and Delta_i = sum_j P_ij dP_ij = dO_i . O_i (one dot per row):
+#
+#     dV = P^T dO        dP = dO v^T        dS = P * (dP - Delta)        dQ = scale dS k        dK = scale dS^T q
+#
+# P is never stored: each tile of it is rebuilt from q, k and the saved LSE2 as exp2(qk_scale q k^T -
+# LSE2), which costs recomputing q k^T but saves reading T^2 probabilities back from HBM. The rebuilt
+# P must match the forward's closely: where a row of P is nearly one-hot, a score off by 1e-5 makes a
+# 1e-5 relative error in every gradient. So both backward kernels compute q @ k^T exactly as the
+# forward did (same operands, same order, same fma), which makes the fp32 P bit-identical. What
+# remains is the rounding of the saved LSE2 itself, half an ulp of |LSE2|, a relative error common to
+# a whole row of P: below 5e-7 for ordinary scores (|LSE2| < 16), but 5e-6 when scores reach +-120,
+# where fp32 gradients land ~3x further from exact than PyTorch's unfused softmax (which normalises
+# each row to 6e-8). That is the price of saving one fp32 number per row instead of T^2. Three
+# kernels, as in FlashAttention-2, none with atomics:
+#   1. preprocess: Delta = rowsum(dO * O), (B, H, Tq) fp32.
+#   2. dK/dV: one program per key tile; it loops over the query tiles that can see it (from the
+#      diagonal down, so causal skipping again) and owns its rows of dK and dV outright. It needs
+#      P^T and dS^T, and transposes the (BLOCK_M, BLOCK_N) tiles in registers rather than computing
+#      k @ q^T directly, which could round differently (see above).
+#   3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
+# Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
+# exactly one program, which is what makes atomics unnecessary.
+#
+# Attention dropout (HAS_DROPOUT) drops P after the softmax: O = P_d v with P_d = P * Z / (1 - p), Z
+# the kept mask (the forward's l still sums the undropped P). Then dV = P_d^T dO, the gradient
+# reaching P is dP = (dO v^T) * Z / (1 - p), and Delta_i = sum_j P_ij dP_ij = sum_j P_d,ij (dO_i . v_j)
+# = dO_i . O_i still: the preprocess kernel is unchanged, and both backward kernels redraw Z from the
+# seed (_dropout_keep) rather than read it.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _flash_attention_bwd_preprocess_kernel(
@@ -693,7 +705,7 @@ def _flash_attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: flash_attention_forward, flash_attention_backward (checks, grid, launch)
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, causal: bool) -> None:
     device = check_device(q, k, v, op=OP)  # noqa: F841  (raises on a bad device)
