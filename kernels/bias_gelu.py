@@ -87,8 +87,41 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 _OP = "bias_gelu"
-_K0 = math.sqrt(2.0 / math.pi)
-_K1 = 0.044715
+# The tanh approximation's constants, as constexprs so that the kernels fold them in.
+K0 = tl.constexpr(math.sqrt(2.0 / math.pi))
+K1 = tl.constexpr(0.044715)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations: block sizes, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
+# A tile of TILE elements per program, BLOCK_N following the width up to MAX_BLOCK_N and BLOCK_M
+# filling the rest, so a narrow row is not padded to 256 columns. 2048 elements over 8 warps is 8
+# per thread: ptxas (sm_80) gives the backward 70 registers, 3 programs per SM; a 4096 tile needed
+# 155 (1 program per SM, too few warps in flight to hide memory latency), and over 4 warps it spilled.
+TILE = 2048
+MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
+NUM_WARPS = 8
+# Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
+# enough that the (n_groups, N) fp32 buffer of partial sums stays a small fraction of the traffic.
+PROGRAMS_PER_SM = 4
+
+
+def launch_config(N: int) -> dict:
+    """The GPU's configuration."""
+    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
+    return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
+def _config(M: int, N: int, device: torch.device, backward: bool = False) -> dict:
+    """The interpreter's is a tile of up to INTERPRETER_TILE elements as wide as the row: in the
+    forward a whole (1024, 512) MLP activation of the tiny preset, one program; the backward walks
+    its one group of rows about sqrt(M) rows at a time (see `interpreter_rows_per_step`). Else the GPU's."""
+    if not interpreter_configs(device):
+        return launch_config(N)
+    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), INTERPRETER_TILE)
+    block_m = min(INTERPRETER_TILE // block_n, interpreter_rows_per_step(M) if backward else next_power_of_2(M))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "num_stages": NUM_STAGES}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,12 +154,12 @@ def flops(kernel: str, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Forward kernel: the math is in the module docstring; step markers name each formula
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _gelu_sigmoid(z):
     """s = sigmoid(2u) and 1 - s, u = k0 (z + k1 z^3), from exp(-2|u|) only (never overflows)."""
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)  # sqrt(2/pi) (z + k1 z^3)
+    u = K0 * (z + K1 * z * z * z)
     a = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]; z^3 may be inf for |z| > 1e12: then a = 0, still fine
     big = 1.0 / (1.0 + a)  # sigmoid(2|u|), in [0.5, 1]
     small = a * big  # sigmoid(-2|u|) = 1 - big, computed without the subtraction
@@ -157,6 +190,9 @@ def _bias_gelu_fwd_kernel(
     tl.store(Y + rows[:, None] * N + cols[None, :], cast_for_store(z * s, Y.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward kernel: the derivation is in the module docstring
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bias_gelu_bwd_kernel(
     X,  # (M, N) as in the forward: row stride stride_x_row
@@ -191,7 +227,8 @@ def _bias_gelu_bwd_kernel(
         # is exactly 0 in fp32, but z^2 overflows for |z| > 1.8e19 and 0 * inf = NaN (PyTorch's own
         # gelu_backward returns NaN there). Clamping z inside the term changes nothing below |z| = 20.
         zc = tl.minimum(tl.maximum(z, -20.0), 20.0)
-        dgelu = s + 2.0 * zc * s * one_minus_s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * zc * zc)
+        # -- GELU'(z) = s + 2 z s (1 - s) k0 (1 + 3 k1 z^2) --
+        dgelu = s + 2.0 * zc * s * one_minus_s * K0 * (1.0 + 3.0 * K1 * zc * zc)
         dx = dy * dgelu
         tl.store(DX + rows[:, None] * N + cols[None, :], cast_for_store(dx, DX.dtype.element_ty), mask=mask)
         acc += dx  # the fp32 dX, before it is rounded to X's dtype
@@ -199,38 +236,9 @@ def _bias_gelu_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: checks, grid, launch
 # ----------------------------------------------------------------------------------------------
-# A tile of TILE elements per program, BLOCK_N following the width up to MAX_BLOCK_N and BLOCK_M
-# filling the rest, so a narrow row is not padded to 256 columns. 2048 elements over 8 warps is 8
-# per thread: ptxas (sm_80) gives the backward 70 registers, 3 programs per SM; a 4096 tile needed
-# 155 (1 program per SM, too few warps in flight to hide memory latency), and over 4 warps it spilled.
-TILE = 2048
-MIN_BLOCK_N, MAX_BLOCK_N = 16, 256
-NUM_WARPS = 8
-# Row groups for a race-free column sum: enough programs to keep every SM busy a few times over, few
-# enough that the (n_groups, N) fp32 buffer of partial sums stays a small fraction of the traffic.
-PROGRAMS_PER_SM = 4
-
-
-def _launch_config(N: int) -> dict:
-    """The GPU's configuration."""
-    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), MAX_BLOCK_N)
-    return {"BLOCK_M": TILE // block_n, "BLOCK_N": block_n, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
-
-
-def _config(M: int, N: int, device: torch.device, backward: bool = False) -> dict:
-    """The interpreter's is a tile of up to INTERPRETER_TILE elements as wide as the row: in the
-    forward a whole (1024, 512) MLP activation of the tiny preset, one program; the backward walks
-    its one group of rows about sqrt(M) rows at a time (see `interpreter_rows_per_step`). Else the GPU's."""
-    if not interpreter_configs(device):
-        return _launch_config(N)
-    block_n = min(max(next_power_of_2(N), MIN_BLOCK_N), INTERPRETER_TILE)
-    block_m = min(INTERPRETER_TILE // block_n, interpreter_rows_per_step(M) if backward else next_power_of_2(M))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 1, "num_stages": NUM_STAGES}
-
-
-def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
+def bias_gelu_forward(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
     """y (M, N) contiguous <- GELU(x2 + bias). x2 from `as_rows`, inputs checked."""
     M, N = x2.shape
     if M == 0:
@@ -241,7 +249,7 @@ def _bias_gelu_fwd(x2: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> Non
         _bias_gelu_fwd_kernel[grid](x2, bias, y, x2.stride(0), M, N, **cfg)
 
 
-def _bias_gelu_bwd(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+def bias_gelu_backward(dy2: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """dx (M, N) contiguous <- dy2 * GELU'(x2 + bias); returns dBias (N,) in bias's dtype."""
     M, N = x2.shape
     if M == 0:
@@ -279,7 +287,7 @@ def _check_inputs(x, bias):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops and the autograd.Function
 # ----------------------------------------------------------------------------------------------
 # The launchers as PyTorch custom ops, as in flash_attention: torch.compile cannot trace into a
 # Triton launch, but it can treat an op it knows only by its output shapes (the fake implementations)
@@ -287,7 +295,7 @@ def _check_inputs(x, bias):
 @torch.library.custom_op("gpt_triton::bias_gelu_fwd", mutates_args=(), schema="(Tensor x2, Tensor bias) -> Tensor")
 def _bias_gelu_fwd_op(x2, bias):
     y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    _bias_gelu_fwd(x2, bias, y)
+    bias_gelu_forward(x2, bias, y)
     return y
 
 
@@ -301,7 +309,7 @@ def _(x2, bias):
 )
 def _bias_gelu_bwd_op(dy2, x2, bias):
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    return dx, _bias_gelu_bwd(dy2, x2, bias, dx)
+    return dx, bias_gelu_backward(dy2, x2, bias, dx)
 
 
 @_bias_gelu_bwd_op.register_fake
@@ -328,6 +336,9 @@ class BiasGeluFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dbias
 
 
+# ----------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.gelu(x + bias, approximate="tanh") in one pass, bias (N,) broadcast over the last dim of x
     (any leading shape, any strides). The result has x's dtype (PyTorch's type promotion would give
@@ -337,10 +348,10 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
+# Compile specs: every configuration `launch_config` can return (BLOCK_N = 16 ... 256, BLOCK_M
 # filling a 2048-element tile), per input dtype with an fp32 bias (the model's parameters are fp32).
 # ----------------------------------------------------------------------------------------------
-_CONFIGS = [_launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
+_CONFIGS = [launch_config(2**k) for k in range(int(math.log2(MIN_BLOCK_N)), int(math.log2(MAX_BLOCK_N)) + 1)]
 
 COMPILE_SPECS = [
     spec

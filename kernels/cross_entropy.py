@@ -44,7 +44,8 @@ Fused (this file):
     total                                                                        ~2.5 GB
 Both keep one (N, V) tensor alive between forward and backward (log_softmax there, the gradient
 here), so the saving is in traffic, not in memory. `linear_cross_entropy` at the end of this file
-saves the memory too: it never holds more than a chunk of rows of logits.
+(lesson 3b, kernels/linear_cross_entropy.py) saves the memory too: it never holds more than a chunk of
+rows of logits.
 
 We do not overwrite the logits with their gradient (Liger-Kernel does, to save that one buffer): the
 logits belong to autograd, and a caller that looks at them after backward would read gradients.
@@ -78,6 +79,32 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------------------------
+# Configurations: block sizes, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
+# On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
+# for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
+# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
+# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
+MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
+INTERPRETER_MAX_BLOCK_V = 2**16
+_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
+_GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
+
+
+def launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
+    """The GPU's configuration: one row per program."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
+
+
+def interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
+    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
+    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
+    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
+    return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
+
+
+# ----------------------------------------------------------------------------------------------
 # The lesson's counts: the docstring's traffic as code, for any shape (checked against a trace of the
 # interpreter by tests/test_explain.py; printed by `python scripts/explain.py cross_entropy`). Bytes
 # are what the program of each row requests. No tl.dot here.
@@ -102,7 +129,7 @@ def flops(kernel: str, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel
+# Forward kernel: the math is in the module docstring; step markers name each formula
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_entropy_fwd_kernel(
@@ -170,32 +197,9 @@ def _cross_entropy_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launcher
+# Launchers: checks, grid, launch
 # ----------------------------------------------------------------------------------------------
-# On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
-# for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
-# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
-# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
-MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
-INTERPRETER_MAX_BLOCK_V = 2**16
-_BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
-_GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
-
-
-def _launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
-    """The GPU's configuration: one row per program."""
-    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
-
-
-def _interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
-    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
-    block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
-    return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
-
-
-def _cross_entropy_fwd(
+def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     ignore_index: int,
@@ -216,9 +220,9 @@ def _cross_entropy_fwd(
     if N == 0:
         return loss, grad
     if interpreter_configs(logits.device):
-        cfg = _interpreter_config(N, V, max_block_v or INTERPRETER_MAX_BLOCK_V)
+        cfg = interpreter_config(N, V, max_block_v or INTERPRETER_MAX_BLOCK_V)
     else:
-        cfg = _launch_config(V, min(max_block_v or MAX_BLOCK_V, MAX_BLOCK_V))
+        cfg = launch_config(V, min(max_block_v or MAX_BLOCK_V, MAX_BLOCK_V))
     with device_guard(logits.device):
         _cross_entropy_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_ROWS"]),)](
             logits, target, loss, grad if compute_grad else logits,  # GRAD is never touched without HAS_GRAD
@@ -286,7 +290,7 @@ def _fake_loss(t, reduction):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops and the autograd.Function
 # ----------------------------------------------------------------------------------------------
 # The launcher as a PyTorch custom op, as in layer_norm and flash_attention: torch.compile cannot
 # trace into a Triton launch, nor past the target check's host sync, but it can treat an op it knows
@@ -301,7 +305,7 @@ def _fake_loss(t, reduction):
 def _cross_entropy_fwd_op(logits, target, ignore_index, reduction, compute_grad, max_block_v):
     target, n_valid = _checked_target(target, logits.shape[1], ignore_index, _OP)
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    loss_rows, grad = _cross_entropy_fwd(logits, target, ignore_index, scale, compute_grad, max_block_v)
+    loss_rows, grad = cross_entropy_forward(logits, target, ignore_index, scale, compute_grad, max_block_v)
     return _reduce(loss_rows, n_valid, reduction), grad
 
 
@@ -350,6 +354,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------
 def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean"):
     """F.cross_entropy(logits, target, ignore_index=..., reduction=...) for (N, V) logits and (N,)
     int64/int32 targets, fused: the gradient is written during the forward pass. The loss is fp32
@@ -365,193 +372,7 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
 
 
 # ----------------------------------------------------------------------------------------------
-# Going further: the LM head and the loss together, never holding the (N, V) logits
-# ----------------------------------------------------------------------------------------------
-# The kernel above still needs the logits: at N = 8192, V = 50,257 that is 823 MB of bf16 (1.6 GB if
-# the head runs in fp32), plus as much again for their gradient, for the one op of a GPT-2 that has
-# the vocabulary in it. But each row's loss and gradient need only that row's logits, so the
-# LM-head matmul and the loss can walk the rows in chunks: logits_c = x_c W^T, the kernel writes
-# d loss / d logits_c, which is turned at once into this chunk's share of the input gradients,
-#     d x_c = g_c W        and        d W += g_c^T x_c,
-# and dropped. Only one chunk of logits (and its gradient) is ever alive. The default chunk makes
-# a chunk's logits about as large as x itself: for C = 768, 125 rows of 50,257 (12.6 MB in bf16).
-# The matmuls are torch's (cuBLAS): nothing to gain writing them here.
-#
-# "mean" and "sum" compute the input gradients during forward, like the kernel (backward scales
-# them by grad_output). "none" cannot: its per-row grad_output reaches d W only through the sum
-# over rows, so for "none" forward computes the losses only and backward runs the chunks again.
-# Both passes are custom ops, like the kernel's, for torch.compile: the chunk loop launches the
-# kernel, checks the targets and fills its buffers in place, none of which a graph can trace.
-_LCE_OP = "linear_cross_entropy"
-
-
-# The lesson's counts for linear_cross_entropy (a section of its own until it has a file of its own):
-# the chunk loop's torch matmuls (cuBLAS on a GPU: counted as eager ops, each reading its operands
-# and writing its result) and its launches of the kernel above, for "mean" or "sum".
-def linear_cross_entropy_memory_traffic(N: int, C: int, V: int, x_bytes: int, n_valid: int, chunk_size: int,
-                                        want_grad: bool = True) -> dict:
-    """{"matmul": (read, written) over the chunk loop's matmuls, "add_": the same for its fp32 dW
-    accumulation, and each kernel argument summed over the chunks' launches}. Per chunk of n rows:
-    logits = x_c W^T reads x_c and W, writes n x V; with the gradient also d x_c = g W (reads g and W,
-    writes n x C) and g^T x_c (reads g and x_c, writes V x C), which `grad_w +=` adds into the fp32
-    (V, C) accumulator (reads both, writes it). So W is read 3 times and dW read and written once per
-    chunk: the price of never holding all the logits, and with chunks of about V / C rows (the
-    default) it is most of the traffic."""
-    e, chunks = x_bytes, -(-N // chunk_size)
-    read, written = N * C * e + chunks * V * C * e, N * V * e  # logits
-    acc = (0, 0)
-    if want_grad:
-        read += (N * V * e + chunks * V * C * e) + (N * V * e + N * C * e)
-        written += N * C * e + chunks * V * C * e
-        acc = (chunks * V * C * (4 + e), chunks * V * C * 4)
-    return {"matmul": (read, written), "add_": acc, **memory_traffic("fwd", N, V, e, n_valid, want_grad)}
-
-
-def linear_cross_entropy_flops(N: int, C: int, V: int, want_grad: bool = True) -> int:
-    """2 N V C for the logits, as much again for each of d x and d W with the gradient."""
-    return 2 * N * V * C * (3 if want_grad else 1)
-
-
-
-def _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x=None, grad_w=None, row_weight=None):
-    """Per-row fp32 losses (N,), chunk by chunk. With grad buffers given, also fill grad_x (N, C) and
-    accumulate into grad_w (V, C, fp32) the gradient of sum_i row_weight[i] * scale * loss_i."""
-    N = x.shape[0]
-    loss_rows = torch.empty(N, dtype=torch.float32, device=x.device)
-    want_grad = grad_x is not None or grad_w is not None
-    for start in range(0, N, chunk_size):
-        rows = slice(start, min(start + chunk_size, N))
-        x_c = x[rows]
-        logits = x_c @ weight.t()  # (n, V) in x's dtype, as F.linear would give
-        loss_rows[rows], g = _cross_entropy_fwd(logits, target[rows], ignore_index, scale, want_grad)
-        if not want_grad:
-            continue
-        if row_weight is not None:
-            g.mul_(row_weight[rows].unsqueeze(1))  # g is this call's own buffer: in place is safe
-        if grad_x is not None:
-            grad_x[rows] = g @ weight
-        if grad_w is not None:
-            # The matmul runs in the input dtype (fp32 accumulation inside); the sum over chunks in fp32.
-            grad_w += g.t() @ x_c
-    return loss_rows
-
-
-def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size):
-    """Validate shapes, dtypes and devices (the targets' values are checked inside the op); return
-    the chunk size."""
-    _check_args(ignore_index, reduction, _LCE_OP)
-    if not all(isinstance(t, torch.Tensor) for t in (x, weight, target)):
-        raise TypeError(f"{_LCE_OP}: x, weight and target must be tensors")
-    check_ndim(x, "x", _LCE_OP, 2, "(N, C)")
-    check_ndim(weight, "weight", _LCE_OP, 2, "(V, C)")
-    check_dtype(x, "x", _LCE_OP)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{_LCE_OP}: weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    (N, C), (V, C_w) = x.shape, weight.shape
-    if C_w != C or V == 0:
-        raise ValueError(f"{_LCE_OP}: weight must be (V, C) with V > 0 and C = x.shape[1] = {C}, got {tuple(weight.shape)}")
-    check_device(x, weight, target, op=_LCE_OP)
-    _check_target(target, N, _LCE_OP)
-    if chunk_size is None:
-        if interpreter_configs(x.device):  # few chunks, few launches: logits of 16 tiles (64 MB in fp32)
-            return max(1, min(N, 16 * INTERPRETER_TILE // V))
-        return max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_LCE_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
-
-
-def _new_grad_buffers(x, weight, want_grad_x, want_grad_w):
-    """(N, C) for x, an fp32 (V, C) accumulator for weight; None where no gradient is wanted."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_grad_x else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad_w else None
-    return grad_x, grad_w
-
-
-def _fake_grads(x, weight, want_grad_x, want_grad_w):
-    return x.new_empty(x.shape) if want_grad_x else None, weight.new_empty(weight.shape) if want_grad_w else None
-
-
-@torch.library.custom_op(
-    "gpt_triton::linear_cross_entropy_fwd", mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor target, int ignore_index, str reduction, int chunk_size,"
-    " bool want_grad_x, bool want_grad_w) -> (Tensor, Tensor?, Tensor?)",
-)
-def _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, want_grad_x, want_grad_w):
-    """The reduced loss and the gradients wanted, for grad_output = 1 ("mean" and "sum" only)."""
-    target, n_valid = _checked_target(target, weight.shape[0], ignore_index, _LCE_OP)
-    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
-    loss_rows = _lce_chunks(x, weight, target, ignore_index, scale, chunk_size, grad_x, grad_w)
-    return _reduce(loss_rows, n_valid, reduction), grad_x, None if grad_w is None else grad_w.to(weight.dtype)
-
-
-@_linear_cross_entropy_fwd_op.register_fake
-def _(x, weight, target, ignore_index, reduction, chunk_size, want_grad_x, want_grad_w):
-    return _fake_loss(x, reduction), *_fake_grads(x, weight, want_grad_x, want_grad_w)
-
-
-@torch.library.custom_op(
-    "gpt_triton::linear_cross_entropy_bwd", mutates_args=(),
-    schema="(Tensor grad_output, Tensor x, Tensor weight, Tensor target, int ignore_index, int chunk_size,"
-    " bool want_grad_x, bool want_grad_w) -> (Tensor?, Tensor?)",
-)
-def _linear_cross_entropy_bwd_op(grad_output, x, weight, target, ignore_index, chunk_size, want_grad_x, want_grad_w):
-    """reduction="none": the chunks again, each row's gradient weighted by its grad_output. The forward
-    op has checked the targets."""
-    grad_x, grad_w = _new_grad_buffers(x, weight, want_grad_x, want_grad_w)
-    target = target.to(torch.int64).contiguous()
-    _lce_chunks(x, weight, target, ignore_index, 1.0, chunk_size, grad_x, grad_w, row_weight=grad_output)
-    return grad_x, None if grad_w is None else grad_w.to(weight.dtype)
-
-
-@_linear_cross_entropy_bwd_op.register_fake
-def _(grad_output, x, weight, target, ignore_index, chunk_size, want_grad_x, want_grad_w):
-    return _fake_grads(x, weight, want_grad_x, want_grad_w)
-
-
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, target, ignore_index=-100, reduction="mean", chunk_size=None):
-        chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
-        ctx.reduction, ctx.ignore_index, ctx.chunk_size = reduction, ignore_index, chunk_size
-        if reduction == "none":  # the losses only; backward runs the chunks again
-            ctx.save_for_backward(x, weight, target)
-            return _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, False, False)[0]
-        loss, grad_x, grad_w = _linear_cross_entropy_fwd_op(
-            x, weight, target, ignore_index, reduction, chunk_size, *ctx.needs_input_grad[:2]
-        )
-        ctx.save_for_backward(grad_x, grad_w)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            grad_x, grad_w = _linear_cross_entropy_bwd_op(
-                grad_output, *ctx.saved_tensors, ctx.ignore_index, ctx.chunk_size, *ctx.needs_input_grad[:2]
-            )
-        else:
-            grad_x, grad_w = _times_grad_output(grad_output, *ctx.saved_tensors)
-        return grad_x, grad_w, None, None, None, None
-
-
-def linear_cross_entropy(x, weight, target, ignore_index: int = -100, reduction: str = "mean", chunk_size=None):
-    """cross_entropy(x @ weight.T, target, ...) without ever materializing the (N, V) logits.
-
-    x: (N, C) final hidden states, weight: (V, C) the LM head (nn.Linear's layout, no bias), target:
-    (N,). Rows are processed chunk_size at a time (default: chunks whose logits are about the size
-    of x). Same reductions, ignore_index rule and output dtype as `cross_entropy`."""
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad
-    ):
-        return LinearCrossEntropyFunction.apply(x, weight, target, ignore_index, reduction, chunk_size)
-    chunk_size = _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
-    return _linear_cross_entropy_fwd_op(x, weight, target, ignore_index, reduction, chunk_size, False, False)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return, with and without the gradient pass.
+# Compile specs: every configuration `launch_config` can return, with and without the gradient pass.
 # ----------------------------------------------------------------------------------------------
 COMPILE_SPECS = [
     CompileSpec(
@@ -563,7 +384,7 @@ COMPILE_SPECS = [
             "BLOCK_ROWS": "constexpr", "BLOCK_V": "constexpr", "HAS_GRAD": "constexpr",
         },
         configs=[
-            {**_launch_config(block_v, max_block_v=block_v), "HAS_GRAD": has_grad}
+            {**launch_config(block_v, max_block_v=block_v), "HAS_GRAD": has_grad}
             for block_v in _GPU_BLOCK_V_CHOICES
             for has_grad in (True, False)
         ],

@@ -118,6 +118,42 @@ _ADD_OP = "add_layer_norm"
 
 
 # ----------------------------------------------------------------------------------------------
+# Configurations: block sizes, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
+# On a GPU one program holds a whole row (BLOCK_M = 1): BLOCK_N = next power of 2 >= N, with the warps
+# growing with the row (BLOCK_N / 256, at most 16). Register budget: at BLOCK_N = 8192 the backward
+# holds x, dY, w and the two dW/dB accumulators, 16 fp32 values each per thread, at the 128-register
+# cap of a 16-warp program, and the compile check (kernels/compile_check.py) finds it spilling 24-96
+# bytes per thread on sm_80 and sm_90. So MAX_N = 4096, 2.5x GPT-2's widest row (1600); a wider row
+# is refused rather than silently slowed by spills. In the interpreter a forward program takes as many
+# rows as fill INTERPRETER_TILE (all 1,024 rows of the tiny preset's batch: one program), and the
+# backward is one program walking the rows 32 at a time (no second, reducing launch).
+MIN_BLOCK_N, MAX_N = 16, 4096
+# Row groups for dW/dB: 2 per SM (264 on an H100), fewer than bias_gelu's 4, because each group
+# costs a 2N-wide fp32 row of partial sums written and read back, and a LayerNorm row is short.
+GROUPS_PER_SM = 2
+
+
+def launch_config(N: int, has_residual: bool = False) -> dict:
+    """The GPU's configuration: one row per program (per step of the backward's walk)."""
+    block_n = max(next_power_of_2(N), MIN_BLOCK_N)
+    return {
+        "BLOCK_M": 1, "BLOCK_N": block_n, "HAS_RESIDUAL": has_residual,
+        "num_warps": min(max(block_n // 256, 1), 16), "num_stages": NUM_STAGES,
+    }
+
+
+def _config(M: int, N: int, has_residual: bool, device: torch.device, backward: bool = False) -> dict:
+    """The GPU's configuration, or the interpreter's: the forward takes as many rows as fill the tile,
+    the backward walks its one group about sqrt(M) rows at a time (see `interpreter_rows_per_step`)."""
+    cfg = launch_config(N, has_residual)
+    if interpreter_configs(device):
+        rows = interpreter_rows_per_step(M) if backward else next_power_of_2(M)
+        cfg.update(BLOCK_M=min(max(INTERPRETER_TILE // cfg["BLOCK_N"], 1), rows), num_warps=1)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
 # The lesson's counts: the docstring's traffic as code, for any shape, dtypes and row grouping (checked
 # against a trace of the interpreter by tests/test_explain.py; printed by `python scripts/explain.py
 # layer_norm`). Bytes are what the programs request: w and b are re-read by every row's program
@@ -154,7 +190,7 @@ def flops(kernel: str, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Forward kernel: the math is in the module docstring; step markers name each formula
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -200,6 +236,9 @@ def _layer_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
+# ----------------------------------------------------------------------------------------------
+# Backward kernel: the derivation is in the module docstring
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _layer_norm_bwd_kernel(
     X,  # (M, N) the forward's normalized input (H if HAS_RESIDUAL), row stride stride_x_row
@@ -227,8 +266,9 @@ def _layer_norm_bwd_kernel(
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = group.to(tl.int64) * rows_per_group
-    # Walk this group's rows BLOCK_M at a time; rows past M load dY = 0 and so add 0.
-    for m in range(0, rows_per_group, BLOCK_M):
+    # Walk this group's rows BLOCK_M at a time, stopping at M; rows past M in the last step load dY = 0
+    # and so add 0.
+    for m in range(0, tl.minimum(rows_per_group, M - row_start), BLOCK_M):
         rows = row_start + m + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -254,42 +294,9 @@ def _layer_norm_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: checks, grid, launch
 # ----------------------------------------------------------------------------------------------
-# On a GPU one program holds a whole row (BLOCK_M = 1): BLOCK_N = next power of 2 >= N, with the warps
-# growing with the row (BLOCK_N / 256, at most 16). Register budget: at BLOCK_N = 8192 the backward
-# holds x, dY, w and the two dW/dB accumulators, 16 fp32 values each per thread, at the 128-register
-# cap of a 16-warp program, and the compile check (kernels/compile_check.py) finds it spilling 24-96
-# bytes per thread on sm_80 and sm_90. So MAX_N = 4096, 2.5x GPT-2's widest row (1600); a wider row
-# is refused rather than silently slowed by spills. In the interpreter a forward program takes as many
-# rows as fill INTERPRETER_TILE (all 1,024 rows of the tiny preset's batch: one program), and the
-# backward is one program walking the rows 32 at a time (no second, reducing launch).
-MIN_BLOCK_N, MAX_N = 16, 4096
-# Row groups for dW/dB: 2 per SM (264 on an H100), fewer than bias_gelu's 4, because each group
-# costs a 2N-wide fp32 row of partial sums written and read back, and a LayerNorm row is short.
-GROUPS_PER_SM = 2
-
-
-def _launch_config(N: int, has_residual: bool = False) -> dict:
-    """The GPU's configuration: one row per program (per step of the backward's walk)."""
-    block_n = max(next_power_of_2(N), MIN_BLOCK_N)
-    return {
-        "BLOCK_M": 1, "BLOCK_N": block_n, "HAS_RESIDUAL": has_residual,
-        "num_warps": min(max(block_n // 256, 1), 16), "num_stages": NUM_STAGES,
-    }
-
-
-def _config(M: int, N: int, has_residual: bool, device: torch.device, backward: bool = False) -> dict:
-    """The GPU's configuration, or the interpreter's: the forward takes as many rows as fill the tile,
-    the backward walks its one group about sqrt(M) rows at a time (see `interpreter_rows_per_step`)."""
-    cfg = _launch_config(N, has_residual)
-    if interpreter_configs(device):
-        rows = interpreter_rows_per_step(M) if backward else next_power_of_2(M)
-        cfg.update(BLOCK_M=min(max(INTERPRETER_TILE // cfg["BLOCK_N"], 1), rows), num_warps=1)
-    return cfg
-
-
-def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> None:
+def layer_norm_forward(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> None:
     """y (M, N) contiguous, mean and rstd (M,) fp32 <- LayerNorm of x2's rows; with a residual r2
     (x2's shape and dtype, any row stride), h (M, N) contiguous <- x2 + r2 too, and y normalizes
     that sum. Inputs checked."""
@@ -306,7 +313,7 @@ def _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2=None, h=None) -> No
         )
 
 
-def _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, dh2=None):
+def layer_norm_backward(dy2, x2, weight, mean, rstd, dx, weight_dtype, bias_dtype, dh2=None):
     """dx (M, N) contiguous <- dX, plus dh2 (the gradient from h's other uses) when given; returns
     (dW, dB), (N,) each in the given dtypes."""
     M, N = x2.shape
@@ -361,7 +368,7 @@ def _check_inputs(x, weight, bias, eps, residual=None, op=_OP):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# torch.library custom ops and the autograd.Function
 # ----------------------------------------------------------------------------------------------
 # The launchers as PyTorch custom ops, as in flash_attention: torch.compile cannot trace into a
 # Triton launch, but it can treat an op it knows only by its output shapes (the fake implementations)
@@ -374,7 +381,7 @@ def _layer_norm_fwd_op(x2, weight, bias, eps):
     y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd)
+    layer_norm_forward(x2, weight, bias, eps, y, mean, rstd)
     return y, mean, rstd
 
 
@@ -391,7 +398,7 @@ def _(x2, weight, bias, eps):
 )
 def _layer_norm_bwd_op(dy2, x2, weight, mean, rstd, bias_dtype, dh2=None):
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    dw, db = _layer_norm_bwd(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype, dh2)
+    dw, db = layer_norm_backward(dy2, x2, weight, mean, rstd, dx, weight.dtype, bias_dtype, dh2)
     return dx, dw, db
 
 
@@ -412,7 +419,7 @@ def _add_layer_norm_fwd_op(x2, r2, weight, bias, eps):
     y = torch.empty_like(h)
     mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    _layer_norm_fwd(x2, weight, bias, eps, y, mean, rstd, r2, h)
+    layer_norm_forward(x2, weight, bias, eps, y, mean, rstd, r2, h)
     return h, y, mean, rstd
 
 
@@ -469,6 +476,9 @@ class AddLayerNormFunction(torch.autograd.Function):
         return dx, dx, dw, db, None  # h = x + residual: one gradient, the same tensor for both
 
 
+# ----------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """F.layer_norm(x, (N,), weight, bias, eps) over the last dim N of x (any leading shape, any
     strides, 1 <= N <= 4096). weight and bias are (N,), fp32 or x's dtype; the output has x's dtype;
@@ -488,7 +498,7 @@ def add_layer_norm(
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs: every configuration `_launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
+# Compile specs: every configuration `launch_config` can return, BLOCK_N = 16 ... 4096 (num_warps
 # 1 ... 16), with and without the residual (layer_norm.* and add_layer_norm.*), per input dtype with
 # fp32 weight and bias (the model's parameters are fp32). The dW/dB reduction is
 # `_common._sum_partials_kernel`, listed once, in bias_gelu's COMPILE_SPECS.
@@ -509,7 +519,7 @@ COMPILE_SPECS = [
                 "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr",
                 "BLOCK_N": "constexpr",
             },
-            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
+            configs=[launch_config(n, has_residual) for n in _WIDTHS],
         ),
         CompileSpec(
             name=f"{op}.bwd.{ty}",
@@ -520,7 +530,7 @@ COMPILE_SPECS = [
                 "stride_dh_row": "i32", "M": "i32", "N": "i32", "rows_per_group": "i32",
                 "HAS_RESIDUAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
             },
-            configs=[_launch_config(n, has_residual) for n in _WIDTHS],
+            configs=[launch_config(n, has_residual) for n in _WIDTHS],
         ),
     )
 ]

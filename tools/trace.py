@@ -249,6 +249,12 @@ def trace(values: bool = False, keep=None):
         finally:
             state["launch"] = state["map"] = None
 
+    # Trace the launches a GPU runs: the launchers' interpreter configurations (few, huge programs,
+    # kernels._common.INTERPRETER_CONFIGS) only make the interpreter fast; the lessons count the GPU's.
+    import kernels._common as common
+
+    interpreter_configs = common.INTERPRETER_CONFIGS
+    common.INTERPRETER_CONFIGS = False
     interp.GridExecutor.__call__ = call
     builder.create_masked_load = masked_load
     builder.create_masked_store = masked_store
@@ -257,6 +263,7 @@ def trace(values: bool = False, keep=None):
     try:
         yield launches
     finally:
+        common.INTERPRETER_CONFIGS = interpreter_configs
         interp.GridExecutor.__call__ = orig_call
         for n in orig:
             delattr(builder, n)  # the instance attributes go; the class's methods show again
