@@ -221,17 +221,6 @@ def interpreter_configs(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRETER_CONFIGS
 
 
-@contextlib.contextmanager
-def gpu_launch_configs():
-    """Within this block, launches off-GPU pick the GPU's configurations too (tile sizes, splits):
-    what tools/explain.py traces, so that its pictures show the schedule a GPU runs."""
-    global INTERPRETER_CONFIGS
-    saved, INTERPRETER_CONFIGS = INTERPRETER_CONFIGS, False
-    try:
-        yield
-    finally:
-        INTERPRETER_CONFIGS = saved
-
 
 def as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
     """(..., N) -> (M, N) with unit column stride and any row stride. `reshape` is a view whenever

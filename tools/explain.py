@@ -551,14 +551,10 @@ def explain(op: str, shape=None, dtype=torch.float32, backward: bool = False, ou
         raise ValueError(f"{op}: --shape is {SHAPE_NAMES[op]} (positive integers), got {','.join(map(str, shape))}")
     if out:
         os.makedirs(out, exist_ok=True)
-    from kernels._common import gpu_launch_configs
-
-    if op == "flash_attention":  # the attention lessons show a GPU's tiles and splits
-        with gpu_launch_configs():
-            rep = _explain_flash_attention(shape, dtype, backward, out, seed, **options)
+    if op == "flash_attention":
+        rep = _explain_flash_attention(shape, dtype, backward, out, seed, **options)
     elif op == "decode_attention":
-        with gpu_launch_configs():
-            rep = _explain_decode_attention(shape, dtype, backward, out, seed, **options)
+        rep = _explain_decode_attention(shape, dtype, backward, out, seed, **options)
     else:
         if options:
             raise ValueError(f"{op} takes no options {sorted(options)}")
