@@ -26,9 +26,74 @@ import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+# ----------------------------------------------------------------------------------------------
+# Two pieces of the interpreter's bookkeeping that cost time and compute nothing.
+# 1. A call to a @triton.jit helper. Triton 3.9's interpreter re-patches
+# triton.language for *every* call of a helper from inside a kernel (an `inspect.getmembers` walk over
+# the language modules, several milliseconds), though the launch patched them already for the whole
+# grid; the lessons share their building blocks as helpers, so a launch pays that per helper per
+# program. Off-GPU we patch once per launch and set of language modules instead: the same kernel
+# code, run the same way, minus the repeated bookkeeping. A GPU build never sees this.
+# ----------------------------------------------------------------------------------------------
+def _patch_helper_calls_once() -> None:
+    import inspect
+
+    try:
+        from triton.runtime import interpreter as _interp
+
+        grid_call, helper_call = _interp.GridExecutor.__call__, _interp.InterpretedFunction.__call__
+        patch_lang, interpreter_error = _interp._patch_lang, _interp.InterpreterError
+    except (ImportError, AttributeError):  # another Triton: keep its own behaviour
+        return
+    if getattr(helper_call, "_patched_once", False):
+        return
+    langs_patched = []  # a stack: the language modules patched by the launch in progress
+
+    def langs_of(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+
+    def run_grid(self, *args, **kwargs):
+        langs_patched.append(set(langs_of(self.fn)))
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            langs_patched.pop()
+
+    def call_helper(self, *args, **kwargs):
+        langs = langs_of(self.fn)
+        if not langs_patched or not langs <= langs_patched[-1]:
+            patch_lang(self.fn)
+            if langs_patched:
+                langs_patched[-1] |= langs
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter_error(repr(e)) from e
+
+    call_helper._patched_once = True
+    _interp.GridExecutor.__call__ = run_grid
+    _interp.InterpretedFunction.__call__ = call_helper
+
+    # 2. Every int32 +, -, * also computes its int64 twin and two range comparisons for an overflow
+    # assert, which `device_assert` then drops: it fires only with options.debug, never set in the
+    # interpreter. Skipping that dead work changes no result and saves ~40% of an attention launch.
+    builder = _interp.interpreter_builder
+    if not builder.options.debug and builder.options.sanitize_overflow:
+        import dataclasses
+
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+if INTERPRET:
+    _patch_helper_calls_once()
+
 # Dtypes every kernel accepts. Loads are cast to fp32 before arithmetic (the interpreter cannot do
 # bf16 math, and fp32 accumulation is what makes the results accurate); stores cast back.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# log2(e): the attention kernels work in base 2, exp(x) = exp2(x * LOG2E) (one hardware instruction).
+LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +234,7 @@ def interpreter_rows_per_step(M: int) -> int:
 def interpreter_configs(device: torch.device) -> bool:
     """True when a launch on `device` runs in the interpreter and should use its configurations."""
     return device.type == "cpu" and INTERPRETER_CONFIGS
+
 
 
 def as_rows(t: torch.Tensor, N: int) -> torch.Tensor:

@@ -32,26 +32,9 @@ is one query block, so that gives B * H programs: 12 at batch 1 for gpt2-124M, o
 SMs (H100; 108 on an A100). 120 of the 132 SMs sit idle, and one SM alone cannot pull more than a
 small fraction of the HBM bandwidth. Flash-decoding (Dao et al., 2023) also splits the *key* axis
 into NUM_SPLITS chunks, one program each: grid = (B * H, NUM_SPLITS). The launcher picks NUM_SPLITS
-so that there are about 2 programs per SM (capped, and never more splits than key blocks).
-
-Why split + combine is exact
-----------------------------
-Let split i cover the key set S_i, with scores s_j (already scaled and masked). The split kernel
-returns its own softmax-normalised output and its log-sum-exp:
-
-    lse_i = log sum_{j in S_i} exp(s_j)              o_i = sum_{j in S_i} exp(s_j - lse_i) v_j
-
-(computed with the usual online softmax over blocks of BLOCK_N keys, in fp32). Since
-exp(lse_i) = sum_{j in S_i} exp(s_j), the softmax over all keys is
-
-    o = sum_j exp(s_j) v_j / sum_j exp(s_j) = sum_i exp(lse_i) o_i / sum_i exp(lse_i)
-      = sum_i w_i o_i,        w_i = exp(lse_i - lse_max) / sum_k exp(lse_k - lse_max)
-
-which is what the combine kernel computes (subtracting lse_max = max_i lse_i changes nothing
-mathematically and keeps every exp <= 1). No approximation: the only error is fp32 rounding.
-A split with no visible key (past the sequence's end, or past a query's causal position) has
-lse_i = -inf and weight exp(-inf - lse_max) = 0. Split 0 always holds key 0, which every query
-sees, so lse_max is finite and the combine never computes -inf - (-inf) = NaN.
+so that there are about 2 programs per SM (capped, and never more splits than key blocks). The
+combine kernel merges the splits exactly (derived above it). In Triton's interpreter, where each
+program costs Python time, the launcher takes one split (nothing to combine: no second launch).
 
 Memory traffic: the split kernel reads K and V once (2 * L * D elements per (b, h)) and writes
 NUM_SPLITS * Tq * (D + 1) fp32 partials; the combine reads those back and writes Tq * D outputs.
@@ -77,6 +60,10 @@ Implementation notes
   read garbage silently. Strided cache views are fine (all strides are passed).
 * Inference only: there is no backward (generation never differentiates through the cache), so
   there is no autograd.Function, and inputs that require grad are refused with a clear error.
+
+Reading order: configurations (block sizes, the split heuristic), the lesson's counts, the split
+kernel, the combine kernel with its derivation, the launchers (checks; split + combine), the public
+`decode_attention`, and the compile specs.
 """
 
 from __future__ import annotations
@@ -86,22 +73,26 @@ import math
 import torch
 
 from kernels._common import (
-    FLOAT_DTYPES,
-    INTERPRET,
     DTYPE_NAMES,
     GPT2_CONTEXT,
     GPT2_PRESETS,
+    INTERPRET,
+    LOG2E,
     CompileSpec,
     check_device,
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
     next_power_of_2,
 )
 
 import triton  # noqa: E402  (after kernels._common, which picks the interpreter when there is no GPU)
 import triton.language as tl  # noqa: E402
 
+# ----------------------------------------------------------------------------------------------
+# Configurations: block sizes and the number of splits, the GPU's and the interpreter's
+# ----------------------------------------------------------------------------------------------
 MAX_TQ = 16  # queries per step: 1 for plain decoding, a few for speculative / chunked steps
 MAX_HEAD_DIM = 128
 MAX_SPLITS = 128  # more splits than this only adds combine work: 128 * B * H programs fill any GPU
@@ -109,10 +100,41 @@ PROGRAMS_PER_SM = 2  # enough resident programs per SM to hide memory latency
 COMBINE_BLOCK_S = 16  # splits the combine kernel merges per step
 NUM_WARPS = 4
 NUM_STAGES = 2
-# The interpreter has no SMs; pretend an H100 so that CPU runs pick the splits a GPU would.
+# Triton's interpreter runs programs one after another in Python, each tile operation costing about a
+# millisecond whatever its size, so off-GPU a launch is fastest as few programs with long tiles: one
+# split per (sequence, head), keys in steps of up to this many (the kernel code is the same).
+INTERPRETER_MAX_BLOCK_N = 1024
+# With the GPU's configurations off-GPU (the compile check, tests), pretend an H100's SM count so
+# that a CPU run picks the splits a GPU would.
 _NOMINAL_SM_COUNT = 132
 
-LOG2E = 1.4426950408889634
+
+def _block_config(Tq: int, D: int, L_max: int | None = None, interpreter: bool = False) -> dict:
+    """The constexprs the launcher picks: the GPU's, or (interpreter=True) long key tiles."""
+    block_d = max(64, next_power_of_2(D))
+    block_t = 1 if Tq == 1 else 16
+    if interpreter:
+        block_n = min(max(next_power_of_2(L_max), 16), INTERPRETER_MAX_BLOCK_N)
+    else:
+        # Tq == 1: 4096-element K/V tiles, 32 fp32 registers per thread at 4 warps, for either head
+        # dim. The dot path also holds a (16, BLOCK_N) score tile and dot-operand copies: half that
+        # (fp32 at D = 128 with 32 keys needs 255 registers on sm_90 and spills).
+        block_n = (4096 if block_t == 1 else 2048) // block_d
+    return {"BLOCK_T": block_t, "BLOCK_N": block_n, "BLOCK_D": block_d}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _NOMINAL_SM_COUNT
+
+
+def choose_splits(L_max: int, BH: int, block_n: int, sm_count: int) -> int:
+    """PROGRAMS_PER_SM programs per SM, but no more splits than key blocks (a split would be empty)
+    nor than MAX_SPLITS. The kernel deals the blocks out evenly: each split gets
+    floor or ceil(n_blocks / num_splits) of them, so any count tiles the cache."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(BH, 1))
+    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(L_max, block_n)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +180,9 @@ def flops(kernel: str, H: int, Tq: int, D: int, seq_lens: list, num_splits: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Forward kernels. 1. the splits: each an online softmax over its share of the cache (the same
+# rescaling as flash_attention.py's forward, derived there), written as a normalised partial output
+# and its log-sum-exp.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_attention_fwd_kernel(
@@ -216,6 +240,7 @@ def _decode_attention_fwd_kernel(
         offs_kn = start_n + offs_n
         n_mask = offs_kn < hi  # masks the garbage past seq_len: it is never even loaded
         kv_mask = n_mask[:, None] & d_mask[None, :]
+        # -- scores s = q.k * sm_scale * log2(e): keys past the length or the causal position masked --
         k = tl.load(k_base + offs_kn[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         if BLOCK_T == 1:
             s = tl.sum(q * k.to(tl.float32), axis=1)[None, :]  # (1, BLOCK_D) * (BLOCK_N, BLOCK_D) -> (1, BLOCK_N)
@@ -227,6 +252,7 @@ def _decode_attention_fwd_kernel(
         visible = n_mask[None, :] & (offs_kn[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
 
+        # -- rescale l by alpha = exp2(m - m_new), add this block's p = exp2(s - m_new) --
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no visible key so far has m_new = -inf; shift by 0 instead so that
         # exp2(-inf - 0) = 0 rather than exp2(-inf - (-inf)) = NaN.
@@ -235,6 +261,7 @@ def _decode_attention_fwd_kernel(
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
+        # -- acc <- alpha * acc + p v --
         v = tl.load(v_base + offs_kn[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if BLOCK_T == 1:
             pv = tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]  # (BLOCK_N, 1) * (BLOCK_N, BLOCK_D)
@@ -247,6 +274,7 @@ def _decode_attention_fwd_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    # -- this split's normalised output o_i = acc / l and its lse_i = m + log2 l (base 2) --
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]  # no visible key: 0, not 0/0
@@ -258,6 +286,26 @@ def _decode_attention_fwd_kernel(
     tl.store(LSE_part + part * Tq + offs_t, lse, mask=t_mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. the combine. Why split + combine is exact:
+#
+# Let split i cover the key set S_i, with scores s_j (already scaled and masked). The split kernel
+# returns its own softmax-normalised output and its log-sum-exp:
+#
+#     lse_i = log sum_{j in S_i} exp(s_j)              o_i = sum_{j in S_i} exp(s_j - lse_i) v_j
+#
+# (computed with the usual online softmax over blocks of BLOCK_N keys, in fp32). Since
+# exp(lse_i) = sum_{j in S_i} exp(s_j), the softmax over all keys is
+#
+#     o = sum_j exp(s_j) v_j / sum_j exp(s_j) = sum_i exp(lse_i) o_i / sum_i exp(lse_i)
+#       = sum_i w_i o_i,        w_i = exp(lse_i - lse_max) / sum_k exp(lse_k - lse_max)
+#
+# which is what the combine kernel computes (subtracting lse_max = max_i lse_i changes nothing
+# mathematically and keeps every exp <= 1). No approximation: the only error is fp32 rounding.
+# A split with no visible key (past the sequence's end, or past a query's causal position) has
+# lse_i = -inf and weight exp(-inf - lse_max) = 0. Split 0 always holds key 0, which every query
+# sees, so lse_max is finite and the combine never computes -inf - (-inf) = NaN.
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_attention_combine_kernel(
     O_part,  # (B * H, num_splits, Tq, D) fp32 contiguous: the splits' normalised partial outputs
@@ -290,6 +338,7 @@ def _decode_attention_combine_kernel(
         lse = tl.load(LSE_part + row, mask=s_mask, other=float("-inf"))
         o = tl.load(O_part + row.to(tl.int64)[:, None] * D + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        # -- rescale denom and acc by alpha = exp2(m - m_new); add w_i = exp2(lse_i - m_new) and w_i o_i --
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         # Split 0 always sees key 0, so m_new is finite from the first step on; the guard only keeps
         # a would-be empty step (all -inf) from producing NaN.
@@ -300,74 +349,14 @@ def _decode_attention_combine_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         m = m_new
 
+    # -- o = sum_i w_i o_i / sum_i w_i --
     out = acc / tl.where(denom > 0.0, denom, 1.0)
     out_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + t * stride_ot + offs_d * stride_od
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launcher
-# ----------------------------------------------------------------------------------------------
-def _block_config(Tq: int, D: int) -> dict:
-    """The constexprs the launcher picks (every combination is listed in COMPILE_SPECS)."""
-    block_d = max(64, next_power_of_2(D))
-    block_t = 1 if Tq == 1 else 16
-    return {
-        "BLOCK_T": block_t,
-        # Tq == 1: 4096-element K/V tiles, 32 fp32 registers per thread at 4 warps, for either head
-        # dim. The dot path also holds a (16, BLOCK_N) score tile and dot-operand copies: half that
-        # (fp32 at D = 128 with 32 keys needs 255 registers on sm_90 and spills).
-        "BLOCK_N": (4096 if block_t == 1 else 2048) // block_d,
-        "BLOCK_D": block_d,
-    }
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _NOMINAL_SM_COUNT
-
-
-def _choose_splits(L_max: int, BH: int, block_n: int, sm_count: int) -> int:
-    """PROGRAMS_PER_SM programs per SM, but no more splits than key blocks (a split would be empty)
-    nor than MAX_SPLITS. The kernel deals the blocks out evenly: each split gets
-    floor or ceil(n_blocks / num_splits) of them, so any count tiles the cache."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(BH, 1))
-    return max(1, min(wanted, MAX_SPLITS, triton.cdiv(L_max, block_n)))
-
-
-def _decode_attention_fwd(q, k_cache, v_cache, seq_lens, sm_scale: float, num_splits: int | None = None):
-    """Launch split + combine on validated inputs. `num_splits` overrides the heuristic (tests)."""
-    B, H, Tq, D = q.shape
-    L_max = k_cache.shape[2]
-    cfg = _block_config(Tq, D)
-    if num_splits is None:
-        num_splits = _choose_splits(L_max, B * H, cfg["BLOCK_N"], _sm_count(q.device))
-    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    o_part = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
-    lens = seq_lens.to(torch.int32)
-    with device_guard(q.device):
-        _decode_attention_fwd_kernel[(B * H, num_splits)](
-            q, k_cache, v_cache, lens, o_part, lse_part,
-            sm_scale * LOG2E,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(),
-            H, Tq, triton.cdiv(L_max, cfg["BLOCK_N"]), num_splits, D,
-            **cfg, DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
-        _decode_attention_combine_kernel[(B * H * Tq,)](
-            o_part, lse_part, out, *out.stride(),
-            H, Tq, num_splits, D,
-            BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks
+# Launchers: input checks, then split + combine
 # ----------------------------------------------------------------------------------------------
 _OP = "decode_attention"
 
@@ -418,8 +407,42 @@ def _check_inputs(q, k_cache, v_cache, seq_lens, check_lengths: bool = True) -> 
         )
 
 
+def decode_attention_forward(q, k_cache, v_cache, seq_lens, sm_scale: float, num_splits: int | None = None):
+    """Split + combine on validated inputs (decode_attention checks them). `num_splits` overrides
+    the heuristic (tests)."""
+    B, H, Tq, D = q.shape
+    L_max = k_cache.shape[2]
+    interpreter = interpreter_configs(q.device)
+    cfg = _block_config(Tq, D, L_max, interpreter)
+    if num_splits is None:  # the interpreter: one split, so one long program per (sequence, head)
+        num_splits = 1 if interpreter else choose_splits(L_max, B * H, cfg["BLOCK_N"], _sm_count(q.device))
+    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    o_part = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
+    lens = seq_lens.to(torch.int32)
+    with device_guard(q.device):
+        _decode_attention_fwd_kernel[(B * H, num_splits)](
+            q, k_cache, v_cache, lens, o_part, lse_part,
+            sm_scale * LOG2E,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            H, Tq, triton.cdiv(L_max, cfg["BLOCK_N"]), num_splits, D,
+            **cfg, DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+        if num_splits == 1:  # one split's output is already the softmax over every key: no combine
+            return o_part.view(B, H, Tq, D).to(q.dtype)
+        _decode_attention_combine_kernel[(B * H * Tq,)](
+            o_part, lse_part, out, *out.stride(),
+            H, Tq, num_splits, D,
+            BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
-# Public function
+# The public op
 # ----------------------------------------------------------------------------------------------
 def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None, check_lengths: bool = True):
     """Causal attention of a few new queries against a KV cache, per-sequence lengths (inference only).
@@ -438,7 +461,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale=None, check_lengths
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if not math.isfinite(scale):
         raise ValueError(f"{_OP}: sm_scale must be finite, got {sm_scale}")
-    return _decode_attention_fwd(q, k_cache, v_cache, seq_lens, scale)
+    return decode_attention_forward(q, k_cache, v_cache, seq_lens, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,4 +491,4 @@ COMPILE_SPECS = [
     for Tq in (1, 4)
 ]
 
-__all__ = ["decode_attention", "COMPILE_SPECS"]
+__all__ = ["decode_attention", "decode_attention_forward", "choose_splits", "COMPILE_SPECS"]

@@ -30,24 +30,6 @@ running statistics and the output accumulator stay in registers. k and v are re-
 tile that sees them ((T / BLOCK_M + 1) / 2 times on average under the causal mask: 8.5 with 64-row
 tiles), but one head's k and v are 256 KiB, so those re-reads are served by L2.
 
-The online softmax
-------------------
-A row of P needs the max and the sum over *all* keys, but the kernel sees the keys one tile at a
-time. It keeps, per query row, the running max m, the running sum l = sum_j exp(s_j - m) and the
-unnormalised output acc = sum_j exp(s_j - m) v_j. When a new tile raises the max to m', everything
-accumulated so far was scaled by exp(-m) and must be scaled by exp(-m') instead, so
-
-    alpha = exp(m - m');   l <- alpha * l + sum_j exp(s_j - m');   acc <- alpha * acc + exp(s - m') v
-
-and at the end O = acc / l. All of this is in fp32 whatever the input dtype. We work in base 2:
-exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale once (qk_scale = scale * log2 e),
-so each score costs one fma, qk * qk_scale - m, and one exp2 (a single hardware instruction). The
-fma matters for accuracy, not only speed: a score of 100 rounded on its own is off by ~4e-6, which
-exp turns into a 4e-6 relative error; inside the fma only m is rounded, and m is common to the row.
-The only statistic saved for backward is the log-sum-exp per row, in the same base-2 units:
-LSE2 = m + log2(l) = log2 sum_j 2^(qk_scale q.k_j) (= torch.logsumexp(S, -1) * log2 e), so that the
-backward rebuilds P = exp2(qk * qk_scale - LSE2) with one fma and no conversion.
-
 Causal block skipping
 ---------------------
 A query tile [m0, m0 + BLOCK_M) sees keys up to min(m0 + BLOCK_M, Tq) - 1 + (Tk - Tq). Key tiles past
@@ -57,59 +39,44 @@ all, so the loop runs in two stages: an unmasked stage over full tiles, then a m
 few tiles that straddle the diagonal or the end of the sequence. The stage boundaries are computed
 from m0, BLOCK_M, BLOCK_N and Tk - Tq, so they are right for any pair of block sizes.
 
-Backward: recompute instead of store
-------------------------------------
-With dO the incoming gradient and Delta_i = sum_j P_ij dP_ij = dO_i . O_i (one dot per row):
-
-    dV = P^T dO        dP = dO v^T        dS = P * (dP - Delta)        dQ = scale dS k        dK = scale dS^T q
-
-P is never stored: each tile of it is rebuilt from q, k and the saved LSE2 as exp2(qk_scale q k^T -
-LSE2), which costs recomputing q k^T but saves reading T^2 probabilities back from HBM. The rebuilt
-P must match the forward's closely: where a row of P is nearly one-hot, a score off by 1e-5 makes a
-1e-5 relative error in every gradient. So both backward kernels compute q @ k^T exactly as the
-forward did (same operands, same order, same fma), which makes the fp32 P bit-identical. What
-remains is the rounding of the saved LSE2 itself, half an ulp of |LSE2|, a relative error common to
-a whole row of P: below 5e-7 for ordinary scores (|LSE2| < 16), but 5e-6 when scores reach +-120,
-where fp32 gradients land ~3x further from exact than PyTorch's unfused softmax (which normalises
-each row to 6e-8). That is the price of saving one fp32 number per row instead of T^2. Three
-kernels, as in FlashAttention-2, none with atomics:
-  1. preprocess: Delta = rowsum(dO * O), (B, H, Tq) fp32.
-  2. dK/dV: one program per key tile; it loops over the query tiles that can see it (from the
-     diagonal down, so causal skipping again) and owns its rows of dK and dV outright. It needs
-     P^T and dS^T, and transposes the (BLOCK_M, BLOCK_N) tiles in registers rather than computing
-     k @ q^T directly, which could round differently (see above).
-  3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
-Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
-exactly one program, which is what makes atomics unnecessary.
+The online softmax (derived above the forward's inner loop) keeps per query row a running max, a
+running sum and an unnormalised output, and saves one log-sum-exp per row; the backward (derived
+above its kernels) rebuilds P from it instead of storing P.
 
 Dtypes: fp32 inputs use input_precision="ieee" dots (a GPU would otherwise use TF32 and miss fp32
 PyTorch by ~1e-3); Triton runs those as FMA loops, which only fit the registers with small tiles
 (see _CONFIGS_FP32). fp16/bf16 feed tl.dot in their own dtype with fp32 accumulation, casting P and
 dS down to the input dtype before their dots, as FlashAttention does. Triton's interpreter cannot
 multiply bf16 tiles, so there (only) bf16 tiles are widened to fp32 first (DOT_FP32).
+
+Reading order: configurations (the GPU's autotuned tiles, the interpreter's), the lesson's counts,
+the building blocks every kernel shares (tile loads, scores, P, the causal bounds, the dropout
+mask), the forward with the online softmax derived above it, the backward with its derivation,
+the launchers (`flash_attention_forward`, `flash_attention_backward`), the custom ops and the
+autograd.Function, the public `flash_attention`, and the compile specs.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
 from kernels._common import (
-    FLOAT_DTYPES,
-    INTERPRET,
     DTYPE_NAMES,
     GPT2_CONTEXT,
     GPT2_PRESETS,
+    INTERPRET,
+    LOG2E,
     TRAIN_DTYPES,
     CompileSpec,
-    backward_of,
     autotune,
+    backward_of,
     check_device,
     check_dtype,
     check_ndim,
     device_guard,
+    interpreter_configs,
     next_power_of_2,
 )
 
@@ -117,11 +84,12 @@ import triton  # noqa: E402  (after kernels._common, which may switch on the int
 import triton.language as tl  # noqa: E402
 
 OP = "flash_attention"
+_LOG2E = tl.constexpr(LOG2E)  # kernels read globals only as constexprs
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # tl.dot needs K >= 16; D > 128 would need smaller tiles than these
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations: autotuned on a GPU; the interpreter runs the first one.
+# Launch configurations: autotuned on a GPU; the interpreter's own (INTERPRETER_MAX_BLOCK) off-GPU.
 # ----------------------------------------------------------------------------------------------
 def _config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
@@ -143,12 +111,20 @@ _CONFIGS_FP32 = {
     "dkdv": [_config(16, 16, 8, 2)],
     "dq": [_config(16, 16, 4, 2)],
 }
-# What each autotuner holds: the 16-bit list first (its first config is also what the interpreter
-# runs, for every dtype), then the fp32 one; _pruner keeps the list for the dtype at hand.
+# What each autotuner holds: the 16-bit list, then the fp32 one; _pruner keeps the list for the
+# dtype at hand.
 _FWD_CONFIGS = _CONFIGS_16BIT["fwd"] + _CONFIGS_FP32["fwd"]
 _DKDV_CONFIGS = _CONFIGS_16BIT["dkdv"] + _CONFIGS_FP32["dkdv"]
 _DQ_CONFIGS = _CONFIGS_16BIT["dq"] + _CONFIGS_FP32["dq"]
 _PRE_BLOCK_M = 64  # the preprocess kernel is a plain row reduction: no tuning needed
+# Triton's interpreter runs the programs of a launch one after another in Python, and each tile
+# operation costs about a millisecond of bookkeeping whatever its size: a kernel's time there is
+# (programs x operations per program), not FLOPs. So off-GPU every kernel gets one configuration
+# with tiles as large as the sequence (up to this side): one program per (batch, head) and one loop
+# step at T <= 256, about 10x faster than the GPU's 64 x 64 tiles. The kernel code is the same.
+INTERPRETER_MAX_BLOCK = 256
+# Dropout seeds are drawn below 2^31: a 32-bit kernel argument, like every other integer here.
+DROPOUT_SEED_BOUND = 2**31 - 1
 # Retune when the head dim, the dtype (Triton adds tensor dtypes to the key), causality or the
 # sequence length's power-of-two bucket changes; not for every distinct length.
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
@@ -267,7 +243,128 @@ def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, B
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward
+# The building blocks, named once: the forward and both backward kernels call these, so that the
+# tiles they load, the scores they compute, the probabilities they rebuild, the loop bounds they
+# skip by and the dropout mask they draw are the same code, not copies that could drift. In
+# particular the backward's scores are the forward's bit for bit by construction: one helper
+# computes q @ kT for all three, the same operands in the same order.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, offs, n, stride_t, stride_d, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
+               DOT_FP32: tl.constexpr):
+    """Rows `offs` of a (T, D) slice as a (rows, BLOCK_D) tile; rows >= n masked when ROW_MASK (a
+    ragged or out-of-range tile). DOT_FP32: widened for the interpreter's dot."""
+    d_ok = offs_d < HEAD_DIM
+    ptrs = base + offs[:, None] * stride_t + offs_d[None, :] * stride_d
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=(offs[:, None] < n) & d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_rows_T(base, offs, n, stride_t, stride_d, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """The same rows loaded already transposed, (BLOCK_D, rows): the right operand of q @ kT and
+    dO @ vT, with no shuffle in registers."""
+    d_ok = offs_d < HEAD_DIM
+    ptrs = base + offs[None, :] * stride_t + offs_d[:, None] * stride_d
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=d_ok[:, None] & (offs[None, :] < n), other=0.0)
+    else:
+        x = tl.load(ptrs, mask=d_ok[:, None], other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores(q, kT):
+    """Raw scores q . k_j of one tile, (BLOCK_M, BLOCK_N) fp32: the product every kernel computes."""
+    return tl.dot(q, kT, input_precision="ieee")
+
+
+@triton.jit
+def _exp2_scores(qk, qk_scale, shift):
+    """exp2(qk * qk_scale - shift) per row, with one rounding (an fma): the forward's running
+    probabilities (shift = the running max m) and the backward's P (shift = the saved LSE2)."""
+    return tl.exp2(tl.fma(qk, qk_scale, -shift[:, None]))
+
+
+@triton.jit
+def _causal(keep, offs_m, offs_n, diag, CAUSAL: tl.constexpr):
+    """keep, and (when CAUSAL) key j <= query i + diag: the mask aligned bottom-right."""
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+    return keep
+
+
+@triton.jit
+def _key_range(start_m, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_hi, hi): query tile start_m visits key tiles [0, full_hi) unmasked, then [full_hi, hi)
+    masked, and none past hi (the forward and the dQ kernel)."""
+    if CAUSAL:
+        diag = Tk - Tq
+        # Stop at the last key the tile's last real row can see: the skipped tiles are never loaded.
+        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
+        # Tiles ending at or before the tile's first row's diagonal (and inside Tk) need no mask.
+        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
+    else:
+        hi = Tk
+        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
+def _query_range(start_n, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(lo, full_lo, full_hi, hi): key tile start_n is seen by query tiles [lo, hi): masked in
+    [lo, full_lo) (the diagonal) and [full_hi, hi) (the ragged last tile), unmasked between; the
+    tiles above lo are skipped (the dK/dV kernel)."""
+    hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        diag = Tk - Tq
+        # First query tile with a row that sees this tile's first key: everything above is skipped.
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        # First query tile whose every row sees this tile's last key: unmasked from there on.
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, hi)
+    else:
+        lo = 0
+        full_lo = 0
+    full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p):
+    """The dropout mask of one (BLOCK_M, BLOCK_N) tile: True where P_ij is kept. A counter-based
+    generator (Philox, tl.rand) maps (seed, the element's flat index (bh * Tq + i) * Tk + j) to a
+    uniform number in [0, 1), so the forward and both backward kernels regenerate the very same mask
+    from the seed alone, whatever their tiles: it is never stored."""
+    offsets = (rng_row0 + offs_m[:, None]).to(tl.int64) * Tk + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward. The online softmax:
+#
+# A row of P needs the max and the sum over *all* keys, but the kernel sees the keys one tile at a
+# time. It keeps, per query row, the running max m, the running sum l = sum_j exp(s_j - m) and the
+# unnormalised output acc = sum_j exp(s_j - m) v_j. When a new tile raises the max to m', everything
+# accumulated so far was scaled by exp(-m) and must be scaled by exp(-m') instead, so
+#
+#     alpha = exp(m - m');   l <- alpha * l + sum_j exp(s_j - m');   acc <- alpha * acc + exp(s - m') v
+#
+# and at the end O = acc / l. All of this is in fp32 whatever the input dtype. We work in base 2:
+# exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale once (qk_scale = scale * log2 e),
+# so each score costs one fma, qk * qk_scale - m, and one exp2 (a single hardware instruction). The
+# fma matters for accuracy, not only speed: a score of 100 rounded on its own is off by ~4e-6, which
+# exp turns into a 4e-6 relative error; inside the fma only m is rounded, and m is common to the row.
+# The only statistic saved for backward is the log-sum-exp per row, in the same base-2 units:
+# LSE2 = m + log2(l) = log2 sum_j 2^(qk_scale q.k_j) (= torch.logsumexp(S, -1) * log2 e), so that the
+# backward rebuilds P = exp2(qk * qk_scale - LSE2) with one fma and no conversion.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(
@@ -275,38 +372,33 @@ def _fwd_inner(
     K, V,  # K/V: this (batch, head)'s (Tk, D) slice, any strides
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi, Tk, diag, qk_scale,
+    seed, rng_row0, dropout_p, dropout_scale,  # dropout: see _dropout_keep
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        # k is loaded already transposed, (BLOCK_D, BLOCK_N), so that q @ kT needs no shuffle.
-        kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        # -- load k (transposed) and v; scores q.k, masked past Tk and above the diagonal --
+        kT = _load_rows_T(K, offs_n, Tk, stride_kt, stride_kd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        v = _load_rows(V, offs_n, Tk, stride_vt, stride_vd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        qk = _scores(q, kT)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < Tk) & d_ok[None, :], other=0.0)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        if DOT_FP32:
-            kT = kT.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, kT, input_precision="ieee")  # (BLOCK_M, BLOCK_N) raw scores q.k
-        if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(_causal(offs_n[None, :] < Tk, offs_m, offs_n, diag, CAUSAL), qk, float("-inf"))
+        # -- the new running max m', and alpha = exp2(m - m') --
         # Every row has seen key 0 by the end of its first tile, so m_new is finite and
         # exp2(-inf - m_new) = 0 handles both the initial m_i = -inf and the masked scores.
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units (qk_scale > 0 keeps the argmax)
         alpha = tl.exp2(m_i - m_new)
         # One fma per score: qk * qk_scale is never rounded on its own, so the only rounding of a
         # large score is in m_new, which is common to the whole row and cancels in acc / l.
-        p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p = _exp2_scores(qk, qk_scale, m_new)
+        # -- rescale l by alpha, add this tile's sum --
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's sum: before dropout
+        if HAS_DROPOUT:
+            # -- drop P after the softmax: P_ij * Z_ij / (1 - p), Z the kept mask --
+            kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+            p = tl.where(kept, p * dropout_scale, 0.0)
+        # -- rescale acc by alpha, add p v --
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
@@ -314,7 +406,7 @@ def _fwd_inner(
 
 
 @autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _flash_attention_fwd_kernel(
     Q, K, V, O, LSE,  # Q/O: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides; LSE: (B, H, Tq) fp32 contiguous
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -322,8 +414,9 @@ def _flash_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     Tq, Tk, SEQ_BUCKET, sm_scale,  # SEQ_BUCKET: only an autotuning key
+    dropout_p, seed,  # attention dropout (HAS_DROPOUT): the probability and the mask's seed
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid: (cdiv(Tq, BLOCK_M), H, B): one program per query tile of one (batch, head)
     start_m = tl.program_id(0) * BLOCK_M
@@ -339,31 +432,25 @@ def _flash_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) in: exp(x) = exp2(x * log2 e)
+    q = _load_rows(Q, offs_m, Tq, stride_qt, stride_qd, offs_d, HEAD_DIM, True, DOT_FP32)
+    qk_scale = sm_scale * _LOG2E  # fold log2(e) in: exp(x) = exp2(x * log2 e)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    rng_row0 = (b * tl.num_programs(1) + h) * Tq  # this (batch, head)'s first row in the mask's numbering
+    dropout_scale = 1.0 / (1.0 - dropout_p)
 
     diag = Tk - Tq  # bottom-right alignment: query i sees keys j <= i + diag
-    if CAUSAL:
-        # Stop at the last key the tile's last real row can see: the skipped tiles are never loaded.
-        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
-        # Tiles ending at or before the tile's first row's diagonal (and inside Tk) need no mask.
-        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Tk
-        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    full_hi, hi = _key_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32)
+                               seed, rng_row0, dropout_p, dropout_scale,
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
+                               seed, rng_row0, dropout_p, dropout_scale,
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
 
     o = acc * (1.0 / l_i)[:, None]  # BLOCK_M divisions, not BLOCK_M x BLOCK_D
     tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
@@ -372,7 +459,36 @@ def _flash_attention_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward
+# Backward: recompute instead of store.
+#
+# With dO the incoming gradient and Delta_i = sum_j P_ij dP_ij = dO_i . O_i (one dot per row):
+#
+#     dV = P^T dO        dP = dO v^T        dS = P * (dP - Delta)        dQ = scale dS k        dK = scale dS^T q
+#
+# P is never stored: each tile of it is rebuilt from q, k and the saved LSE2 as exp2(qk_scale q k^T -
+# LSE2), which costs recomputing q k^T but saves reading T^2 probabilities back from HBM. The rebuilt
+# P must match the forward's closely: where a row of P is nearly one-hot, a score off by 1e-5 makes a
+# 1e-5 relative error in every gradient. So both backward kernels compute q @ k^T exactly as the
+# forward did (same operands, same order, same fma), which makes the fp32 P bit-identical. What
+# remains is the rounding of the saved LSE2 itself, half an ulp of |LSE2|, a relative error common to
+# a whole row of P: below 5e-7 for ordinary scores (|LSE2| < 16), but 5e-6 when scores reach +-120,
+# where fp32 gradients land ~3x further from exact than PyTorch's unfused softmax (which normalises
+# each row to 6e-8). That is the price of saving one fp32 number per row instead of T^2. Three
+# kernels, as in FlashAttention-2, none with atomics:
+#   1. preprocess: Delta = rowsum(dO * O), (B, H, Tq) fp32.
+#   2. dK/dV: one program per key tile; it loops over the query tiles that can see it (from the
+#      diagonal down, so causal skipping again) and owns its rows of dK and dV outright. It needs
+#      P^T and dS^T, and transposes the (BLOCK_M, BLOCK_N) tiles in registers rather than computing
+#      k @ q^T directly, which could round differently (see above).
+#   3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
+# Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
+# exactly one program, which is what makes atomics unnecessary.
+#
+# Attention dropout (HAS_DROPOUT) drops P after the softmax: O = P_d v with P_d = P * Z / (1 - p), Z
+# the kept mask (the forward's l still sums the undropped P). Then dV = P_d^T dO, the gradient
+# reaching P is dP = (dO v^T) * Z / (1 - p), and Delta_i = sum_j P_ij dP_ij = sum_j P_d,ij (dO_i . v_j)
+# = dO_i . O_i still: the preprocess kernel is unchanged, and both backward kernels redraw Z from the
+# seed (_dropout_keep) rather than read it.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _flash_attention_bwd_preprocess_kernel(
@@ -400,51 +516,51 @@ def _bwd_dkdv_inner(
     dk, dv, kT, vT,  # dk/dv: (BLOCK_N, BLOCK_D) fp32 accumulators; kT/vT: (BLOCK_D, BLOCK_N) this program's keys
     Q, DO, LSE, DELTA,  # this (batch, head)'s Q/DO (Tq, D) slices and LSE/DELTA (Tq,) rows
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi, Tq, diag, qk_scale,
+    offs_n, offs_d, lo, hi, Tq, Tk, diag, qk_scale,
+    seed, rng_row0, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-        do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        # -- load q, dO and the rows' LSE2 and Delta --
+        q = _load_rows(Q, offs_m, Tq, stride_qt, stride_qd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        do = _load_rows(DO, offs_m, Tq, stride_dot, stride_dod, offs_d, HEAD_DIM, MASKED, DOT_FP32)
         if MASKED:
-            row_ok = offs_m < Tq
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+            lse2 = tl.load(LSE + offs_m, mask=offs_m < Tq, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
         else:
-            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             lse2 = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         # Recompute this tile of P from q, k and the saved log-sum-exp, with the very dot and fma
         # the forward used (q @ kT, not k @ qT): the same sums in the same order give bit-identical
         # scores, so in fp32 the recomputed P is the forward's P. Computing k @ qT instead would save
         # the two transposes below but lets the rounding differ (NumPy's BLAS, the interpreter's
         # matmul, does differ), and with P nearly one-hot exp2 turns a 1e-5 score difference into a
         # 1e-5 relative error in every gradient.
-        p = tl.exp2(tl.fma(tl.dot(q, kT, input_precision="ieee"), qk_scale, -lse2[:, None]))  # (BLOCK_M, BLOCK_N)
+        # -- P = exp2(q.k * qk_scale - LSE2), the forward's scores rebuilt --
+        p = _exp2_scores(_scores(q, kT), qk_scale, lse2)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            keep = offs_m[:, None] < Tq
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             # A masked score may exceed the row's LSE by any amount: exp2 can overflow, so zero it.
-            p = tl.where(keep, p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")  # += P^T dO
+            p = tl.where(_causal(offs_m[:, None] < Tq, offs_m, offs_n, diag, CAUSAL), p, 0.0)
+        if HAS_DROPOUT:
+            # -- the forward's mask, regenerated: O = (P * Z / (1 - p)) V --
+            kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+            pd = tl.where(kept, p * dropout_scale, 0.0)
+        else:
+            pd = p
+        # -- dV += P^T dO; dP = dO v^T; dS = P (dP - Delta); dK += dS^T q --
+        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision="ieee")  # += P_dropped^T dO
         dp = tl.dot(do, vT, input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:  # dP = dP_dropped * Z / (1 - p)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")  # += dS^T q
     return dk, dv
 
 
 @autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _flash_attention_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,  # Q/DO: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
     # LSE/DELTA: (B, H, Tq) fp32 contiguous
@@ -455,8 +571,9 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     Tq, Tk, SEQ_BUCKET, sm_scale,
+    dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid: (cdiv(Tk, BLOCK_N), H, B): one program per key tile; it alone writes those rows of dK, dV.
     start_n = tl.program_id(0) * BLOCK_N
@@ -475,38 +592,30 @@ def _flash_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
     # Loaded once, already transposed (BLOCK_D, BLOCK_N): the operands of q @ kT and dO @ vT.
-    kvT_mask = (offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < Tk)
-    kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=kvT_mask, other=0.0)
-    vT = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=kvT_mask, other=0.0)
-    if DOT_FP32:
-        kT = kT.to(tl.float32)
-        vT = vT.to(tl.float32)
+    kT = _load_rows_T(K, offs_n, Tk, stride_kt, stride_kd, offs_d, HEAD_DIM, True, DOT_FP32)
+    vT = _load_rows_T(V, offs_n, Tk, stride_vt, stride_vd, offs_d, HEAD_DIM, True, DOT_FP32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e), as in the forward
+    rng_row0 = (b * tl.num_programs(1) + h) * Tq
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+    qk_scale = sm_scale * _LOG2E  # as in the forward
 
     # Query rows i see key j iff j <= i + diag. Keys past Tk need no mask here: row j of dK/dV
     # depends only on key j, and rows past Tk are never stored.
     diag = Tk - Tq
-    hi = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        # First query tile with a row that sees this tile's first key: everything above is skipped.
-        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-        # First query tile whose every row sees this tile's last key: unmasked from there on.
-        full_lo = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, hi)
-    else:
-        lo = 0
-        full_lo = 0
-    full_hi = tl.maximum((Tq // BLOCK_M) * BLOCK_M, full_lo)  # the ragged last query tile is masked
+    lo, full_lo, full_hi, hi = _query_range(start_n, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, lo, full_lo, Tq, diag, qk_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
+                             offs_n, offs_d, lo, full_lo, Tq, Tk, diag, qk_scale,
+                             seed, rng_row0, dropout_p, dropout_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, full_lo, full_hi, Tq, diag, qk_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32)
+                             offs_n, offs_d, full_lo, full_hi, Tq, Tk, diag, qk_scale,
+                             seed, rng_row0, dropout_p, dropout_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
     dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, full_hi, hi, Tq, diag, qk_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32)
+                             offs_n, offs_d, full_hi, hi, Tq, Tk, diag, qk_scale,
+                             seed, rng_row0, dropout_p, dropout_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -520,37 +629,30 @@ def _bwd_dq_inner(
     K, V,  # this (batch, head)'s K/V (Tk, D) slices
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, lo, hi, Tk, diag, qk_scale,
+    seed, rng_row0, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        vT_ptrs = V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+        # -- load k and v (transposed); P = exp2(q.k * qk_scale - LSE2), the forward's scores rebuilt --
+        kT = _load_rows_T(K, offs_n, Tk, stride_kt, stride_kd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        vT = _load_rows_T(V, offs_n, Tk, stride_vt, stride_vd, offs_d, HEAD_DIM, MASKED, DOT_FP32)
+        p = _exp2_scores(_scores(q, kT), qk_scale, lse2)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
-            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & (offs_n[None, :] < Tk), other=0.0)
-        else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        if DOT_FP32:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
-        p = tl.exp2(tl.fma(tl.dot(q, kT, input_precision="ieee"), qk_scale, -lse2[:, None]))  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_causal(offs_n[None, :] < Tk, offs_m, offs_n, diag, CAUSAL), p, 0.0)
+        # -- dP = dO v^T; dS = P (dP - Delta); dQ += dS k --
         dp = tl.dot(do, vT, input_precision="ieee")
+        if HAS_DROPOUT:  # dP = dP_dropped * Z / (1 - p), Z regenerated as in the forward
+            kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
     return dq
 
 
 @autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _flash_attention_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,  # Q/DO/DQ: (B, H, Tq, D), K/V: (B, H, Tk, D), any strides;
     # LSE/DELTA: (B, H, Tq) fp32 contiguous
@@ -560,8 +662,9 @@ def _flash_attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     Tq, Tk, SEQ_BUCKET, sm_scale,
+    dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid: (cdiv(Tq, BLOCK_M), H, B): one program per query tile; it alone writes those rows of dQ.
     start_m = tl.program_id(0) * BLOCK_M
@@ -579,37 +682,33 @@ def _flash_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Tq
     mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q, offs_m, Tq, stride_qt, stride_qd, offs_d, HEAD_DIM, True, DOT_FP32)
+    do = _load_rows(DO, offs_m, Tq, stride_dot, stride_dod, offs_d, HEAD_DIM, True, DOT_FP32)
     lse2 = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e), as in the forward
+    qk_scale = sm_scale * _LOG2E  # as in the forward
+    rng_row0 = (b * tl.num_programs(1) + h) * Tq
+    dropout_scale = 1.0 / (1.0 - dropout_p)
 
     # The same key range and the same two stages as the forward pass.
     diag = Tk - Tq
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, Tq) + diag
-        full_hi = tl.minimum((start_m + diag + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
-    else:
-        hi = Tk
-        full_hi = (Tk // BLOCK_N) * BLOCK_N
+    full_hi, hi = _key_range(start_m, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                        offs_m, offs_d, 0, full_hi, Tk, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32)
+                       seed, rng_row0, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_N, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
                        offs_m, offs_d, full_hi, hi, Tk, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32)
+                       seed, rng_row0, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_N, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: flash_attention_forward, flash_attention_backward (checks, grid, launch)
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, causal: bool) -> None:
     device = check_device(q, k, v, op=OP)  # noqa: F841  (raises on a bad device)
@@ -636,7 +735,7 @@ def _check_inputs(q, k, v, causal: bool) -> None:
         )
 
 
-def _meta(q, k, causal):
+def _meta(q, k, causal, dropout_p):
     """The launch arguments that are not tensors or strides, shared by the fwd/dkdv/dq kernels."""
     D = q.shape[-1]
     return dict(
@@ -645,11 +744,21 @@ def _meta(q, k, causal):
         CAUSAL=bool(causal),
         # The interpreter's tl.dot cannot multiply bf16 tiles; widen them there. A GPU keeps bf16.
         DOT_FP32=INTERPRET and q.dtype == torch.bfloat16,
+        HAS_DROPOUT=dropout_p > 0.0,  # p = 0 compiles the kernels without a line of dropout
     )
 
 
+def _interpreter_config(Tq: int, Tk: int) -> dict:
+    """The interpreter's one configuration: a query tile and a key tile each as long as its sequence
+    (a power of 2, at least 16 for tl.dot, at most INTERPRETER_MAX_BLOCK)."""
+    def side(T):
+        return min(max(next_power_of_2(T), 16), INTERPRETER_MAX_BLOCK)
+
+    return {"BLOCK_M": side(Tq), "BLOCK_N": side(Tk), "num_warps": 4, "num_stages": 2}
+
+
 def _launch(kernel, grid, args, meta, config):
-    """Autotuned launch, or (config given, for tests) one explicit block configuration."""
+    """Autotuned launch, or one explicit block configuration (tests; the interpreter's)."""
     if config is None:
         kernel[grid](*args, **meta)
     else:
@@ -658,9 +767,24 @@ def _launch(kernel, grid, args, meta, config):
         kernel.fn[grid](*args, **meta, **config, num_warps=warps, num_stages=stages)
 
 
-def _flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, out=None, lse=None, config=None):
+def _check_dropout(dropout_p: float) -> float:
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def dropout_seed() -> int:
+    """A seed for the dropout mask, drawn from torch's default (CPU) generator: torch.manual_seed
+    makes a run's masks reproducible, and drawing needs no device synchronisation."""
+    return int(torch.randint(0, DROPOUT_SEED_BOUND, (), dtype=torch.int64).item())
+
+
+def flash_attention_forward(q, k, v, causal: bool, sm_scale: float, dropout_p: float = 0.0, seed: int = 0,
+                            out=None, lse=None, config=None):
     """Returns (o, lse): o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32 in log2 units (LSE2 above).
 
+    dropout_p > 0: P is dropped with the mask of `seed` (dropout_mask(seed, ...) returns it).
     `out`/`lse`, optional: buffers to write into (tests poison them to check every element is
     written). `config`, optional: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
     """
@@ -671,17 +795,21 @@ def _flash_attention_fwd(q, k, v, causal: bool, sm_scale: float, out=None, lse=N
     if q.numel() == 0:
         return o, lse
     assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == (B, H, Tq) and lse.is_contiguous()
+    if config is None and interpreter_configs(q.device):
+        config = _interpreter_config(Tq, Tk)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)  # noqa: E731
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            Tq, Tk, next_power_of_2(max(Tq, Tk)), float(sm_scale))
+            Tq, Tk, next_power_of_2(max(Tq, Tk)), float(sm_scale), float(dropout_p), int(seed))
     with device_guard(q.device):
-        _launch(_flash_attention_fwd_kernel, grid, args, _meta(q, k, causal), config)
+        _launch(_flash_attention_fwd_kernel, grid, args, _meta(q, k, causal, dropout_p), config)
     return o, lse
 
 
-def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, grads=None, config=None):
+def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, dropout_p: float = 0.0,
+                             seed: int = 0, grads=None, config=None):
     """Returns (dq, dk, dv), each in its input's shape and dtype. dO may have any strides (it is read
-    through its own strides, never copied). `grads`, optional: (dq, dk, dv) buffers to write into."""
+    through its own strides, never copied). dropout_p and seed: the forward's. `grads`, optional:
+    (dq, dk, dv) buffers to write into."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if grads is None:
@@ -691,25 +819,52 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
     dq, dk, dv = grads
     if q.numel() == 0:
         return dq, dk, dv
-    meta = _meta(q, k, causal)
+    meta = _meta(q, k, causal, dropout_p)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     bucket = next_power_of_2(max(Tq, Tk))
+    interpreter = interpreter_configs(q.device)
+    if config is None and interpreter:
+        config = _interpreter_config(Tq, Tk)
+    pre_block_m = config["BLOCK_M"] if interpreter else _PRE_BLOCK_M
+    rng = (float(sm_scale), float(dropout_p), int(seed))
     with device_guard(q.device):
-        _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, _PRE_BLOCK_M), H, B)](
+        _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block_m), H, B)](
             o, do, delta, *o.stride(), *do.stride(), Tq,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_PRE_BLOCK_M,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block_m,
         )
         grid_kv = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, B)  # noqa: E731
         args = (q, k, v, do, dk, dv, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                Tq, Tk, bucket, float(sm_scale))
+                Tq, Tk, bucket, *rng)
         _launch(_flash_attention_bwd_dkdv_kernel, grid_kv, args, meta, config)
         grid_q = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), H, B)  # noqa: E731
         args = (q, k, v, do, dq, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                Tq, Tk, bucket, float(sm_scale))
+                Tq, Tk, bucket, *rng)
         _launch(_flash_attention_bwd_dq_kernel, grid_q, args, meta, config)
     return dq, dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(MASK, seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid: (cdiv(Tq, BLOCK_M), cdiv(Tk, BLOCK_N), B * H); MASK: (B, H, Tq, Tk) int8, contiguous
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rng_row0 = tl.program_id(2).to(tl.int64) * Tq
+    kept = _dropout_keep(seed, rng_row0, offs_m, offs_n, Tk, dropout_p)
+    ptrs = MASK + (rng_row0 + offs_m[:, None]) * Tk + offs_n[None, :]
+    tl.store(ptrs, kept.to(tl.int8), mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+def dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device=None) -> torch.Tensor:
+    """The debug path: (B, H, Tq, Tk) bool, True where the kernels keep P_ij for this seed and p
+    (the same @triton.jit helper draws it, so it is the kernels' mask by construction)."""
+    mask = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
+    if mask.numel():
+        with device_guard(mask.device):
+            _dropout_mask_kernel[(triton.cdiv(Tq, 64), triton.cdiv(Tk, 64), B * H)](
+                mask, int(seed), float(dropout_p), Tq, Tk, BLOCK_M=64, BLOCK_N=64)
+    return mask.bool()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,57 +872,65 @@ def _flash_attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, gra
 # ----------------------------------------------------------------------------------------------
 # The launchers as PyTorch custom ops: opaque to torch.compile, which then traces through
 # FlashAttentionFunction without a graph break (it cannot trace into a Triton launch itself; the
-# fake implementations tell it the output shapes instead).
+# fake implementations tell it the output shapes instead). With dropout the forward op draws its
+# seed itself, inside the op (a draw from the generator traced by torch.compile would break the
+# graph), and returns it as a 0-d CPU tensor that the backward op reads.
 @torch.library.custom_op(
     "gpt_triton::flash_attention_fwd", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, float dropout_p)"
+    " -> (Tensor, Tensor, Tensor)",
 )
-def _flash_attention_fwd_op(q, k, v, causal, sm_scale):
-    return _flash_attention_fwd(q, k, v, causal, sm_scale)
+def _flash_attention_fwd_op(q, k, v, causal, sm_scale, dropout_p):
+    seed = dropout_seed() if dropout_p > 0.0 else 0
+    o, lse = flash_attention_forward(q, k, v, causal, sm_scale, dropout_p, seed)
+    return o, lse, torch.tensor(seed, dtype=torch.int64)
 
 
 @_flash_attention_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale):
+def _(q, k, v, causal, sm_scale, dropout_p):
     B, H, Tq, D = q.shape
-    return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
+    return (q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32),
+            torch.empty((), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op(
     "gpt_triton::flash_attention_bwd", mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float sm_scale)"
-    " -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor seed, bool causal,"
+    " float sm_scale, float dropout_p) -> (Tensor, Tensor, Tensor)",
 )
-def _flash_attention_bwd_op(do, q, k, v, o, lse, causal, sm_scale):
-    return _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale)
+def _flash_attention_bwd_op(do, q, k, v, o, lse, seed, causal, sm_scale, dropout_p):
+    return flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, int(seed.item()))
 
 
 @_flash_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, sm_scale):
+def _(do, q, k, v, o, lse, seed, causal, sm_scale, dropout_p):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        o, lse = _flash_attention_fwd_op(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)  # O(T * D) per head: no (T, T) matrix is kept
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+    def forward(ctx, q, k, v, causal: bool, sm_scale: float, dropout_p: float):
+        o, lse, seed = _flash_attention_fwd_op(q, k, v, causal, sm_scale, dropout_p)
+        # O(T * D) per head: no (T, T) matrix is kept, not even the dropout mask (the seed is)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _flash_attention_bwd_op(do, q, k, v, o, lse, seed, ctx.causal, ctx.sm_scale, ctx.dropout_p)
+        return dq, dk, dv, None, None, None
 
 
-def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None):
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None, dropout_p: float = 0.0):
     """softmax(q k^T * sm_scale + causal mask) v, fused; differentiable.
 
     q: (B, H, Tq, D), k/v: (B, H, Tk, D), any strides (views of one fused QKV tensor work without a
     copy), fp32/fp16/bf16, 16 <= D <= 128. causal=True aligns the mask bottom-right (needs Tk >= Tq):
-    query i sees keys j <= i + (Tk - Tq). sm_scale defaults to 1/sqrt(D). Returns (B, H, Tq, D) in
-    q's dtype.
+    query i sees keys j <= i + (Tk - Tq). sm_scale defaults to 1/sqrt(D). dropout_p > 0 drops
+    attention probabilities as nn.Dropout would (kept ones scaled by 1 / (1 - p)), with a mask drawn
+    in the kernels from a seed of torch's generator. Returns (B, H, Tq, D) in q's dtype.
     """
     _check_inputs(q, k, v, causal)
     if sm_scale is None:
@@ -775,7 +938,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None)
     sm_scale = float(sm_scale)
     if not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"{OP}: sm_scale must be finite and > 0, got {sm_scale}")
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, _check_dropout(dropout_p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,12 +952,13 @@ _SPEC_HEADS = [(preset, H, C // H) for preset, (C, H) in GPT2_PRESETS.items()] +
     ("1280-wide/16 heads", 16, 80), ("768-wide/8 heads", 8, 96), ("1536-wide/12 heads", 12, 128)]
 
 
-def _spec_train(H: int, D: int, dtype):
+def _spec_train(H: int, D: int, dtype, dropout_p: float = 0.0):
     def call():
         T = GPT2_CONTEXT
         qkv = torch.empty(1, T, 3, H, D, dtype=dtype, requires_grad=True)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
-        y = flash_attention(q, k, v, causal=True).transpose(1, 2).reshape(1, T, H * D)  # (B, T, C)
+        y = flash_attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(1, T, H * D)  # (B, T, C)
         backward_of(y)
 
     return call
@@ -815,6 +979,11 @@ COMPILE_SPECS = [
                 f"{label} training, B x {GPT2_CONTEXT} tokens, {H} heads of {D}, {DTYPE_NAMES[dt]}")
     for dt, _ in TRAIN_DTYPES
     for label, H, D in _SPEC_HEADS
+] + [
+    # The book's chapter 5 setting (dropout 0.1): the HAS_DROPOUT variants, gpt2-124M's heads.
+    CompileSpec(f"{OP}.train_dropout.{DTYPE_NAMES[dt]}.d64", _spec_train(12, 64, dt, dropout_p=0.1),
+                f"gpt2-124M training with attention dropout 0.1, {DTYPE_NAMES[dt]}")
+    for dt in (torch.bfloat16, torch.float16)
 ] + [
     CompileSpec(f"{OP}.prefill.{DTYPE_NAMES[dt]}.d64", _spec_prefill(12, 64, dt),
                 f"gpt2-124M generation: a 7-token prompt into the KV cache, {DTYPE_NAMES[dt]}")

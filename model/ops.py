@@ -70,6 +70,19 @@ def _kernels():
     global _KERNELS
     if _KERNELS is not None:
         return _KERNELS
+    from types import SimpleNamespace
+
+    from kernels.bias_gelu import bias_gelu
+    from kernels.cross_entropy import cross_entropy
+    from kernels.decode_attention import decode_attention
+    from kernels.flash_attention import flash_attention
+    from kernels.layer_norm import add_layer_norm, layer_norm
+    from kernels.linear_cross_entropy import linear_cross_entropy
+
+    _KERNELS = SimpleNamespace(flash_attention=flash_attention, decode_attention=decode_attention, layer_norm=layer_norm,
+                               add_layer_norm=add_layer_norm, bias_gelu=bias_gelu, cross_entropy=cross_entropy,
+                               linear_cross_entropy=linear_cross_entropy)
+    return _KERNELS
 
 
 # What every script prints when --fused runs on a CPU (train.py, generate.py): one text, said once.
@@ -85,12 +98,8 @@ class FusedOps:
         _kernels()  # fail at the switch, not at the first forward, if Triton cannot be imported
 
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
-        if dropout_p > 0.0:
-            raise ValueError(
-                "the fused attention kernel does not implement attention dropout; "
-                "use drop_rate=0 with --fused, or the PyTorch path"
-            )
-        return _kernels().flash_attention(q, k, v, causal=causal)
+        # dropout_p > 0 only while training (the model passes 0 in eval): dropped inside the kernel
+        return _kernels().flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, sm_scale=None):
         # The KV cache has checked the lengths once for this step: no device-to-host sync per layer.

@@ -3,6 +3,7 @@
 Every case fills the cache past each sequence's length with NaN / inf garbage: one leaked element
 would turn the output non-finite. Lengths include the extremes (seq_len == Tq: the query sees only
 its own keys; seq_len == L_max: the full cache). Head dim 80 is not a power of 2 (masked to 128).
+Inputs, bad ones too, are made inside each test on the test device (see test_flash_attention.py).
 """
 
 import math
@@ -14,12 +15,12 @@ from kernels.decode_attention import (
     MAX_SPLITS,
     MAX_TQ,
     PROGRAMS_PER_SM,
-    _choose_splits,
-    _decode_attention_fwd,
+    choose_splits,
     decode_attention,
+    decode_attention_forward,
 )
 from kernels.reference import attention
-from accuracy import assert_close_to_reference, seeded
+from accuracy import assert_close_to_reference, launch_configs, seeded  # noqa: F401  (a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -53,7 +54,7 @@ def _check(name, out, q, k, v, seq_lens, sm_scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Tq, D", [(1, 64), (3, 80)])
-def test_matches_reference(dtype, Tq, D):
+def test_matches_reference(dtype, Tq, D, launch_configs):
     L_max = 67  # prime: the last key block is partial
     q, k, v, seq_lens = _make(3, 2, Tq, D, L_max, [Tq, L_max, 29], dtype)
     out = decode_attention(q, k, v, seq_lens)
@@ -76,7 +77,7 @@ def test_split_counts_give_the_same_answer(Tq):
     L_max = 150
     q, k, v, seq_lens = _make(2, 1, Tq, 64, L_max, [L_max, 5], torch.float32, seed=1)  # BLOCK_N = 64: 3 blocks
     for num_splits in (1, 2, 5):
-        out = _decode_attention_fwd(q, k, v, seq_lens, 1.0 / math.sqrt(64), num_splits=num_splits)
+        out = decode_attention_forward(q, k, v, seq_lens, 1.0 / math.sqrt(64), num_splits=num_splits)
         _check(f"num_splits={num_splits}", out, q, k, v, seq_lens)
 
 
@@ -84,7 +85,7 @@ def test_batch_one_long_cache_uses_many_splits_and_int32_lengths():
     """Batch 1, one head: the heuristic splits the cache into every key block it has."""
     L_max = 300
     q, k, v, seq_lens = _make(1, 1, 1, 64, L_max, [263], torch.float16, seed=2)
-    assert _choose_splits(L_max, 1, 64, 132) == 5
+    assert choose_splits(L_max, 1, 64, 132) == 5
     seq_lens = seq_lens.to(torch.int32)
     _check("batch 1", decode_attention(q, k, v, seq_lens), q, k, v, seq_lens)
 
@@ -104,16 +105,16 @@ def test_strided_views_and_custom_scale():
     _check("strided", out, q, k, v, seq_lens, sm_scale=0.3)
 
 
-def test_choose_splits():
+def testchoose_splits():
     for L_max in (1, 63, 64, 65, 1024, 4099, 32768):
         for BH in (1, 12, 48, 300, 5000):
             for block_n in (32, 64):
-                n = _choose_splits(L_max, BH, block_n, 132)
+                n = choose_splits(L_max, BH, block_n, 132)
                 n_blocks = -(-L_max // block_n)
                 assert 1 <= n <= min(MAX_SPLITS, n_blocks)  # no split is empty
                 # the GPU is filled unless the keys (or the cap) run out first
                 assert BH * n >= PROGRAMS_PER_SM * 132 or n in (n_blocks, MAX_SPLITS)
-    assert _choose_splits(1024, 12, 64, 132) == 16  # gpt2-124M, batch 1: 12 * 16 programs
+    assert choose_splits(1024, 12, 64, 132) == 16  # gpt2-124M, batch 1: 12 * 16 programs
 
 
 def test_refuses_inputs_that_require_grad():

@@ -1,5 +1,12 @@
 """flash_attention forward and backward against float64, by FlashAttention's rule: the kernel's error
-must be within 2x PyTorch's error computing the same attention in the same dtype."""
+must be within 2x PyTorch's error computing the same attention in the same dtype.
+
+Every input is made inside its test on the test device (accuracy.DEVICE: the GPU when there is one,
+else the CPU and Triton's interpreter), never at collection time. On a GPU, fp32 runs as in the
+interpreter: the kernels' fp32 dots are input_precision="ieee" (never TF32) and PyTorch's fp32 matmul
+is IEEE by default, so one tolerance holds both ways; tl.exp2 is approximate on a GPU (a few ulp),
+so no test expects a kernel's result to equal PyTorch's exactly, only a kernel's own other runs.
+"""
 
 import math
 
@@ -12,12 +19,22 @@ from kernels.flash_attention import (
     _DKDV_CONFIGS,
     _DQ_CONFIGS,
     _FWD_CONFIGS,
-    _flash_attention_bwd,
-    _flash_attention_fwd,
     _pruner,
     flash_attention,
+    dropout_mask,
+    dropout_seed,
+    flash_attention_backward,
+    flash_attention_forward,
 )
-from accuracy import assert_close_to_reference, assert_compiles_like_eager, poison_, seeded
+from accuracy import (  # noqa: F401  (launch_configs: a fixture)
+    DEVICE,
+    assert_close_to_reference,
+    assert_compiles_like_eager,
+    forward_backward,
+    launch_configs,
+    poison_,
+    seeded,
+)
 
 
 def _fwd_bwd(fn, q, k, v, do, **kw):
@@ -79,7 +96,7 @@ def test_matches_float64(dtype, B, H, Tq, Tk, D, causal, sm_scale):
 # hazard this case is about is the same in every dtype, since the kernel's arithmetic is fp32.
 @pytest.mark.parametrize("sign,causal,dtype", [(1.0, True, torch.float32), (-1.0, True, torch.float32),
                                                (-1.0, False, torch.float16)])
-def test_huge_scores_are_stable(sign, causal, dtype):
+def test_huge_scores_are_stable(sign, causal, dtype, launch_configs):
     """Every score near +-120 (e^120 overflows fp32): the online softmax must subtract the running
     max, and the backward must not let exp2(score - LSE) overflow in the padded keys of the ragged
     last tile (where it would meet a zero k row and give inf * 0 = NaN)."""
@@ -93,7 +110,7 @@ def test_huge_scores_are_stable(sign, causal, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strided_views_of_one_qkv_tensor(dtype):
+def test_strided_views_of_one_qkv_tensor(dtype, launch_configs):
     """The model's call: q, k, v are permuted views of one (B, T, 3, H, D) projection, dO is
     non-contiguous, and the gradient lands in the fused tensor through PyTorch's view backward."""
     B, T, H, D = 2, 37, 2, 32
@@ -145,11 +162,11 @@ def test_every_block_shape_writes_every_output(causal):
     for bm, bn in BLOCK_PAIRS:
         config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
         o, lse = poison_(torch.empty_like(q)), poison_(torch.empty(B, H, Tq))
-        _flash_attention_fwd(q, k, v, causal, sm_scale, out=o, lse=lse, config=config)
+        flash_attention_forward(q, k, v, causal, sm_scale, out=o, lse=lse, config=config)
         assert_close_to_reference(f"o {bm}x{bn}", o, exact[0], base[0])
         assert_close_to_reference(f"lse {bm}x{bn}", lse, exact_lse, base_lse)
         grads = tuple(poison_(torch.empty_like(t)) for t in (q, k, v))
-        _flash_attention_bwd(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
+        flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
         for name, got, want, ref in zip(("dq", "dk", "dv"), grads, exact[1:], base[1:]):
             assert_close_to_reference(f"{name} {bm}x{bn}", got, want, ref)
 
@@ -163,30 +180,35 @@ def test_zero_batch_returns_empty():
 
 
 def _bad(**overrides):
+    """q, k, v of shape (1, 2, 8, 32) fp32 on the test device, with some shapes or dtypes overridden.
+    Built inside each test, never at collection time: a CPU tensor handed to a GPU run would trip
+    the device check first, and every other expected message would be wrong."""
     shapes = dict(q=(1, 2, 8, 32), k=(1, 2, 8, 32), v=(1, 2, 8, 32))
     dtypes = dict(q=torch.float32, k=torch.float32, v=torch.float32)
     for name, value in overrides.items():
         (dtypes if isinstance(value, torch.dtype) else shapes)[name] = value
-    return [torch.randn(shapes[n]).to(dtypes[n]) for n in ("q", "k", "v")]
+    g = seeded(5)
+    return [torch.randn(shapes[n], generator=g, device=DEVICE).to(dtypes[n]) for n in ("q", "k", "v")]
 
 
 @pytest.mark.parametrize(
-    "args,kwargs,error,match",
+    "overrides,kwargs,error,match",
     [
-        (_bad(q=torch.int32, k=torch.int32, v=torch.int32), {}, TypeError, "dtype"),
-        (_bad(k=torch.float16), {}, TypeError, "one dtype"),
-        (_bad(q=(2, 8, 32)), {}, ValueError, "4-D"),
-        (_bad(v=(1, 2, 9, 32)), {}, ValueError, "same shape"),
-        (_bad(k=(1, 3, 8, 32), v=(1, 3, 8, 32)), {}, ValueError, "batch, heads and head dim"),
-        (_bad(q=(2, 2, 8, 32)), {}, ValueError, "batch, heads and head dim"),
-        (_bad(q=(1, 2, 0, 32)), {}, ValueError, ">= 1"),
-        (_bad(q=(1, 2, 8, 8), k=(1, 2, 8, 8), v=(1, 2, 8, 8)), {}, ValueError, "head dim 8"),
-        (_bad(q=(1, 2, 8, 256), k=(1, 2, 8, 256), v=(1, 2, 8, 256)), {}, ValueError, "head dim 256"),
-        (_bad(q=(1, 2, 9, 32)), {"causal": True}, ValueError, "Tk >= Tq"),
-        (_bad(), {"sm_scale": float("nan")}, ValueError, "sm_scale"),
+        (dict(q=torch.int32, k=torch.int32, v=torch.int32), {}, TypeError, "dtype"),
+        (dict(k=torch.float16), {}, TypeError, "one dtype"),
+        (dict(q=(2, 8, 32)), {}, ValueError, "4-D"),
+        (dict(v=(1, 2, 9, 32)), {}, ValueError, "same shape"),
+        (dict(k=(1, 3, 8, 32), v=(1, 3, 8, 32)), {}, ValueError, "batch, heads and head dim"),
+        (dict(q=(2, 2, 8, 32)), {}, ValueError, "batch, heads and head dim"),
+        (dict(q=(1, 2, 0, 32)), {}, ValueError, ">= 1"),
+        (dict(q=(1, 2, 8, 8), k=(1, 2, 8, 8), v=(1, 2, 8, 8)), {}, ValueError, "head dim 8"),
+        (dict(q=(1, 2, 8, 256), k=(1, 2, 8, 256), v=(1, 2, 8, 256)), {}, ValueError, "head dim 256"),
+        (dict(q=(1, 2, 9, 32)), {"causal": True}, ValueError, "Tk >= Tq"),
+        (dict(), {"sm_scale": float("nan")}, ValueError, "sm_scale"),
     ],
 )
-def test_bad_inputs_raise(args, kwargs, error, match):
+def test_bad_inputs_raise(overrides, kwargs, error, match):
+    args = _bad(**overrides)
     with pytest.raises(error, match=match):
         flash_attention(*args, **kwargs)
 
@@ -200,3 +222,104 @@ def test_inputs_on_two_devices_raise():
 def test_torch_compile_traces_without_graph_breaks():
     q, k, v, do = _qkvdo(1, 2, 37, 53, 32, torch.float32, seed=4)
     assert_compiles_like_eager(lambda q, k, v: flash_attention(q, k, v, causal=True), (q, k, v), do)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention dropout inside the kernels
+# ----------------------------------------------------------------------------------------------
+def _attention_with_mask(q, k, v, keep, p, causal):
+    """The book's attention with nn.Dropout's arithmetic on the probabilities, for a given mask."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    if causal:
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1) * keep / (1.0 - p)  # dropped after the softmax
+    return weights.to(v.dtype) @ v
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_one_minus_p(p):
+    """The kept fraction is 1 - p within 5 standard deviations, and the mask is not one pattern
+    repeated over rows, heads or batches."""
+    B, H, Tq, Tk = 2, 3, 100, 130
+    keep = dropout_mask(dropout_seed(), B, H, Tq, Tk, p, device=DEVICE)
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), frac
+    assert (keep[0, 0] != keep[0, 1]).any() and (keep[0] != keep[1]).any()
+    assert (keep[0, 0, 0] != keep[0, 0, 1]).any()
+    row_fracs = keep.float().mean(-1)  # each row's kept fraction, about 1 - p too
+    assert (row_fracs - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / Tk)
+
+
+DROPOUT_CASES = [
+    # dtype,        B, H,  Tq,  Tk,  D, causal
+    (torch.float32, 1, 2, 100, 100, 32, True),
+    (torch.bfloat16, 2, 1, 37, 100, 64, True),
+    (torch.float16, 1, 1, 50, 77, 16, False),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,Tq,Tk,D,causal", DROPOUT_CASES)
+def test_dropout_matches_reference_with_the_same_mask(dtype, B, H, Tq, Tk, D, causal, launch_configs):
+    """Output and gradients equal the float64 reference applied with the kernels' own mask (by the
+    2x-PyTorch rule), whatever tiles the forward and the two backward kernels use: each regenerates
+    the mask from the seed, none stores it."""
+    p = 0.2
+    q, k, v, do = _qkvdo(B, H, Tq, Tk, D, dtype, seed=8)
+    torch.manual_seed(11)
+    keep = dropout_mask(dropout_seed(), B, H, Tq, Tk, p, device=DEVICE)
+    torch.manual_seed(11)  # the op draws the same seed from torch's generator
+    ours = _fwd_bwd(flash_attention, q, k, v, do, causal=causal, dropout_p=p)
+
+    def ref(q, k, v):
+        return _attention_with_mask(q, k, v, keep, p, causal)
+
+    exact = _fwd_bwd(ref, q.double(), k.double(), v.double(), do.double())
+    base = _fwd_bwd(ref, q, k, v, do)
+    for name, got, want, torch_out in zip(("o", "dq", "dk", "dv"), ours, exact, base):
+        assert_close_to_reference(f"dropout {name}", got, want, torch_out)
+
+
+def test_dropout_same_seed_same_result_and_p0_is_no_dropout():
+    q, k, v, do = _qkvdo(1, 2, 70, 70, 16, torch.float32, seed=9)
+
+    def run(seed, p):
+        torch.manual_seed(seed)
+        return _fwd_bwd(flash_attention, q, k, v, do, dropout_p=p)
+
+    first, again, other = run(3, 0.3), run(3, 0.3), run(4, 0.3)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    # p = 0: the kernels without a line of dropout (HAS_DROPOUT=False), and no draw from the generator
+    state = torch.get_rng_state()
+    for a, b in zip(_fwd_bwd(flash_attention, q, k, v, do, dropout_p=0.0), _fwd_bwd(flash_attention, q, k, v, do)):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_bad_dropout_raises(p):
+    q, k, v = _bad()
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attention(q, k, v, dropout_p=p)
+
+
+def test_torch_compile_with_dropout():
+    """The seed is drawn inside the custom op, so torch.compile traces dropout without a graph break,
+    and, seeded alike, compiled and eager runs use one mask."""
+    q, k, v, do = _qkvdo(1, 2, 37, 53, 32, torch.float32, seed=4)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, dropout_p=0.25)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    got = forward_backward(compiled, (q, k, v), do)
+    torch.manual_seed(5)
+    want = forward_backward(fn, (q, k, v), do)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
