@@ -17,8 +17,8 @@ HF's median time over ours (> 1: we are faster); "load_avg" is the 1-minute load
 
 The bound: at batch 1 each decode step streams every weight from memory once (494 MB in fp32 at
 this size: all parameters but the position table, of which one row is read), so tokens/s can be
-at most (matrix-vector bandwidth) / (weight bytes). The bandwidth is measured in the same run with a
-256 MB fp32 matrix-vector product, the op a decode step streams its weights with; "of_bound" is the
+at most (matrix-vector bandwidth) / (weight bytes). The bandwidth is measured in every pair (median taken) with
+a 256 MiB matrix-vector product, the op a decode step streams its weights with; "of_bound" is the
 decode's tokens/s as a fraction of that bound.
 """
 
@@ -61,9 +61,10 @@ def models(device, tmp_path_factory):
     return ours, hf
 
 
-def interleaved(ours, theirs, pairs: int, device, benchmark) -> tuple[float, float]:
-    """Median seconds of ours() and theirs(), run alternately `pairs` times. pytest-benchmark times
-    ours (its table); theirs runs as its untimed setup, so each round is one pair."""
+def interleaved(ours, theirs, pairs: int, device, benchmark, between=None) -> tuple[float, float]:
+    """Median seconds of ours() and theirs(), run alternately `pairs` times (and between(), untimed,
+    after each of theirs). pytest-benchmark times ours (its table); theirs runs as its setup, so each
+    round is one pair."""
     times = {"ours": [], "theirs": []}
 
     def timed(name, fn):
@@ -73,8 +74,12 @@ def interleaved(ours, theirs, pairs: int, device, benchmark) -> tuple[float, flo
         sync(device)
         times[name].append(time.perf_counter() - t0)
 
-    benchmark.pedantic(lambda: timed("ours", ours), setup=lambda: timed("theirs", theirs), rounds=pairs,
-                       warmup_rounds=0, iterations=1)
+    def setup():
+        timed("theirs", theirs)
+        if between is not None:
+            between()
+
+    benchmark.pedantic(lambda: timed("ours", ours), setup=setup, rounds=pairs, warmup_rounds=0, iterations=1)
     return statistics.median(times["ours"]), statistics.median(times["theirs"])
 
 
@@ -165,11 +170,13 @@ def test_decode_vs_hf_and_bandwidth_bound(benchmark, models, device):
 
     if not quick:
         run_ours(), run_hf()  # first calls: allocator, lazy initialisation
-    s_ours, s_hf = interleaved(run_ours, run_hf, 1 if quick else PAIRS, device, benchmark)
+    bandwidths = []  # measured in every pair, under the conditions the pair ran in
+    s_ours, s_hf = interleaved(run_ours, run_hf, 1 if quick else PAIRS, device, benchmark,
+                               between=lambda: bandwidths.append(matvec_bandwidth_gbs(device, dtype)))
     if out["ours"].shape != (1, n_prompt + n_new) or out["hf"].shape != out["ours"].shape:
         raise AssertionError(f"generated {tuple(out['ours'].shape)} (ours) and {tuple(out['hf'].shape)} (HF) "
                              f"tokens, expected {(1, n_prompt + n_new)}")
-    gbs = matvec_bandwidth_gbs(device, dtype)
+    gbs = statistics.median(bandwidths)
     nbytes = streamed_bytes(ours)
     bound = gbs * 1e9 / nbytes  # tokens/s if a step did nothing but stream its weights
     tps = n_new / s_ours
