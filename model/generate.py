@@ -185,7 +185,7 @@ class _GraphedDecodeStep:
         return self.logits  # (B, V), overwritten by the next replay
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
 def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad, use_cache,
            generator, prefill_chunk_size, cuda_graph):
     if max_new_tokens == 0:
@@ -200,6 +200,11 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
         buf[:, :longest] = tokens
         rows = torch.arange(B, device=device)  # (B,)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+        # Every sequence as long as the longest (one prompt, or prompts of one length): the decode
+        # positions are then one plain int, longest + step, known on the host. The PyTorch path then
+        # writes the cache with a slice and attends over its filled part with no mask to build; the
+        # fused path keeps the (B,) positions: its decode kernel skips the unfilled part itself.
+        int_pos = not cuda_graph and not model.fused and bool((lens == longest).all())
         if use_cache:
             cache = KVCaches.for_model(model, B, max_len=longest + max_new_tokens)
             last = _prefill(model, tokens, lens, cache, prefill_chunk_size)  # (B, V): own last real token
@@ -210,7 +215,8 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
                 logits = model(buf[:, : longest + step])  # (B, T, V)
                 last = logits[rows, lens - 1]  # (B, V)
             nxt = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
+            if eos_id is not None:  # (without an eos_id nothing ever finishes)
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)  # (B,)
             yield nxt
             if eos_id is not None:
                 finished |= nxt == eos_id
@@ -224,7 +230,8 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
                 last = decode_step(nxt, lens)  # (B, V)
             elif use_cache:
                 # Decode: the one new token per sequence, at its own position lens[b].
-                last = model(nxt[:, None], cache=cache, input_pos=lens)[:, -1]  # (B, V)
+                pos = longest + step if int_pos else lens
+                last = model(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
             else:
                 buf[rows, lens] = nxt
             lens = lens + 1

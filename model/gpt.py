@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model.ops import get_ops
 
@@ -97,8 +96,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ops, cache=None, input_pos=None):
         B, T, C = x.shape  # (B, T, C)
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, D)
-        # Strided views of one tensor, no copies: the kernels take any strides.
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        # Strided views of one tensor, no copies: the kernels take any strides. Split along dim 2 (not
+        # permute, then split along dim 0): backward then stacks the three gradients straight into
+        # qkv's (B, T, 3, H, D) layout, one copy fewer per layer.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, T, D)
         if cache is not None:
             # Generation (model/kv_cache.py): store this step's keys and values, attend over the past too.
             k, v = cache.update(k, v, input_pos)  # 2 x (B, H, Tk, D), Tk >= T
@@ -120,8 +121,9 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x, ops):
-        # The bias add is left out of the matmul so that it fuses with the GELU that follows.
-        h = ops.bias_gelu(F.linear(x, self.fc.weight), self.fc.bias)  # (B, T, 4C)
+        # fc and GELU as one seam op: the PyTorch path adds the bias inside the matmul (addmm), the
+        # fused path leaves it out of the matmul and adds it in the bias+GELU kernel.
+        h = ops.linear_gelu(x, self.fc.weight, self.fc.bias)  # (B, T, 4C)
         return self.drop(self.proj(h))  # (B, T, C)
 
 

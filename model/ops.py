@@ -27,6 +27,9 @@ class TorchOps:
     def attention(self, q, k, v, causal: bool = True, dropout_p: float = 0.0):
         # q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D)
         Tq, Tk = q.shape[-2], k.shape[-2]
+        if causal and Tq == 1:
+            # One query after the cache's Tk - 1 keys (a decode step) sees every key: no mask to build.
+            causal = False
         if causal and Tq != Tk:
             # SDPA's is_causal aligns the mask top-left; a cache continuation needs bottom-right.
             mask = causal_mask(Tq, Tk, q.device)
@@ -51,6 +54,10 @@ class TorchOps:
 
     def bias_gelu(self, x, bias):
         return F.gelu(x + bias, approximate="tanh")
+
+    def linear_gelu(self, x, weight, bias):
+        # GELU(x W^T + b): F.linear adds the bias inside the matmul (addmm), no pass of its own.
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
     def cross_entropy(self, logits, target, ignore_index: int = -100):
         # logits: (N, V), target: (N,) -> scalar mean over non-ignored rows
@@ -116,6 +123,10 @@ class FusedOps:
 
     def bias_gelu(self, x, bias):
         return _kernels().bias_gelu(x, bias)
+
+    def linear_gelu(self, x, weight, bias):
+        # The matmul without its bias, which the bias+GELU kernel adds in the same pass as the GELU.
+        return self.bias_gelu(F.linear(x, weight), bias)
 
     def cross_entropy(self, logits, target, ignore_index: int = -100):
         return _kernels().cross_entropy(logits, target, ignore_index=ignore_index)

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True)
 # Fused runs go through Triton's interpreter: one layer, two heads, a handful of tokens.
 TINY = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=2, n_layers=1)
+# SMALL with head dim 16, the smallest flash_attention takes: the CUDA-graph test's fused half runs it.
+GRAPHED = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=2, n_layers=2, qkv_bias=True)
 PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [64], [11, 30, 30, 7]]  # lengths 7, 1, 4
 
 
@@ -209,12 +211,20 @@ def test_bad_generation_arguments():
             generate(m, x, 2, cuda_graph=True)
 
 
+@pytest.mark.slow
+def test_graphed_model_runs_on_the_fused_kernels():
+    """The CUDA-graph test's model is one the kernels take (head dim 16), checked where there is no GPU:
+    its plain fused decode (flash_attention prefill, decode_attention steps) gives the PyTorch path's tokens."""
+    m = make_model(GRAPHED, fused=True)
+    assert generate(m, PROMPTS[1:], 2) == generate(make_model(GRAPHED), PROMPTS[1:], 2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 def test_cuda_graph_decode_gives_the_tokens_of_plain_decode(fused):
     """The graphed step replays the same kernels on the same cache: the same tokens, greedy and
     sampled, for a ragged batch (per-sequence positions read from the graph's static inputs)."""
-    m = make_model(fused=fused).cuda()
+    m = make_model(GRAPHED, fused=fused).cuda()
     for kwargs in ({}, {"temperature": 1.0, "top_k": 20, "seed": 3}):
         plain = generate(m, PROMPTS, 12, **kwargs)
         assert generate(m, PROMPTS, 12, cuda_graph=True, **kwargs) == plain

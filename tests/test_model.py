@@ -60,9 +60,13 @@ def test_torch_ops_match_book_math_in_float64():
     # cache continuation: 4 queries against 9 keys, bottom-right causal
     torch.testing.assert_close(ops.attention(q[:, :, 5:], k, v), reference.attention(q[:, :, 5:], k, v))
     torch.testing.assert_close(ops.attention(q[:, :, 5:], k, v), reference.attention(q, k, v)[:, :, 5:])
+    # a decode step: one query after the cache sees every key (no mask built on this path)
+    torch.testing.assert_close(ops.attention(q[:, :, 8:], k, v), reference.attention(q, k, v)[:, :, 8:])
     x, w, b = torch.randn(5, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
     torch.testing.assert_close(ops.layer_norm(x, w, b), reference.layer_norm(x, w, b))
     torch.testing.assert_close(ops.bias_gelu(x, b), reference.bias_gelu(x, b))
+    w_fc = torch.randn(24, 24, dtype=torch.float64)  # (out, in), as nn.Linear holds it
+    torch.testing.assert_close(ops.linear_gelu(x, w_fc, b), reference.bias_gelu(x @ w_fc.T, b))
     t = torch.tensor([1, -100, 3, 0, 23])
     torch.testing.assert_close(ops.cross_entropy(x, t), reference.cross_entropy(x, t))
     all_ignored = torch.full((5,), -100)

@@ -1,0 +1,194 @@
+"""Against Hugging Face: our PyTorch path vs transformers' `GPT2LMHeadModel` on the same weights, and
+batch-1 decode against the memory-bandwidth bound. Skips without `transformers` (an optional
+baseline: `pip install transformers`, or the package's `[hf]` extra).
+
+The model: gpt2-124M's shape as OpenAI's checkpoint has it (tied head, qkv bias), random weights
+saved by us and loaded by `GPT2LMHeadModel.from_pretrained`, so that both models hold the very same
+numbers (greedy decoding then picks the same tokens, which the bench checks: the two did the same work).
+
+  * training step: B=2, T=256, forward + loss + backward + fused AdamW (fp32 on a CPU, bf16
+    autocast on a GPU);
+  * decode: batch 1, greedy, with the KV cache, a 16-token prompt and 64 new tokens; our `generate`
+    against HF's `generate`. tokens/s counts the new tokens over the whole call (prefill included).
+
+The two are timed in interleaved pairs (ours, HF, ours, HF, ...; 7 pairs) and compared by their
+medians: on a shared or throttling machine both see the same conditions. extra_info["vs_hf"] is
+HF's median time over ours (> 1: we are faster); "load_avg" is the 1-minute load when the pairs ended.
+
+The bound: at batch 1 each decode step streams every weight from memory once (494 MB in fp32 at
+this size: all parameters but the position table, of which one row is read), so tokens/s can be
+at most (matrix-vector bandwidth) / (weight bytes). The bandwidth is measured in every pair (median taken) with
+a 256 MiB matrix-vector product, the op a decode step streams its weights with; "of_bound" is the
+decode's tokens/s as a fraction of that bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench_util import device_name, sig, sync
+from model import GPTConfig, GPTModel
+from model.generate import generate
+from model.weights import save_pretrained
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face baseline needs `pip install transformers`")
+
+PRESET = "gpt2-124M"
+PAIRS = 7
+
+
+def _config() -> GPTConfig:
+    return GPTConfig.from_preset(PRESET, tie_weights=True, qkv_bias=True)  # OpenAI's GPT-2 layout
+
+
+@pytest.fixture
+def models(device, tmp_path_factory):
+    """(ours, HF's) on the same random weights, fp32; fresh for each test (training changes them)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = GPTModel(_config())
+    folder = save_pretrained(ours, tmp_path_factory.mktemp("gpt2"))  # config.json + model.safetensors
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
+    hf.generation_config.eos_token_id = None  # random weights: never stop early, always 64 tokens
+    hf.generation_config.pad_token_id = 0
+    return ours, hf
+
+
+def interleaved(ours, theirs, pairs: int, device, benchmark, between=None) -> tuple[float, float]:
+    """Median seconds of ours() and theirs(), run alternately `pairs` times (and between(), untimed,
+    after each of theirs). pytest-benchmark times ours (its table); theirs runs as its setup, so each
+    round is one pair."""
+    times = {"ours": [], "theirs": []}
+
+    def timed(name, fn):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times[name].append(time.perf_counter() - t0)
+
+    def setup():
+        timed("theirs", theirs)
+        if between is not None:
+            between()
+
+    benchmark.pedantic(lambda: timed("ours", ours), setup=setup, rounds=pairs, warmup_rounds=0, iterations=1)
+    return statistics.median(times["ours"]), statistics.median(times["theirs"])
+
+
+def matvec_bandwidth_gbs(device, dtype=torch.float32, mib: int = 256, reps: int = 9) -> float:
+    """GB/s of a matrix-vector product over a `mib` MiB matrix (far larger than any cache): the bytes of
+    the matrix over the median time, as a batch-1 decode step streams its weights (F.linear, M = 1)."""
+    n = int((mib * 2**20 / torch.finfo(dtype).bits * 8) ** 0.5)
+    w = torch.randn(n, n, device=device, dtype=dtype)
+    x = torch.randn(1, n, device=device, dtype=dtype)
+    F.linear(x, w)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return w.numel() * w.element_size() / statistics.median(times) / 1e9
+
+
+def streamed_bytes(model: GPTModel) -> int:
+    """Bytes of the weights one batch-1 decode step reads: every parameter once (a tied head once),
+    except the position table, of which it reads one row."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - model.pos_emb.weight.numel() * model.pos_emb.weight.element_size()
+
+
+def _machine(device) -> dict:
+    return {
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def test_train_step_vs_hf(benchmark, models, device):
+    ours, hf = models
+    quick = benchmark.disabled
+    B, T = (1, 32) if quick else (2, 256)
+    cuda = device.type == "cuda"
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    x, y = (torch.randint(0, ours.cfg.vocab_size, (B, T), device=device) for _ in range(2))
+    ours.train(), hf.train()
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1, fused=True) for m in (ours, hf)}
+
+    def step(m, loss_fn):
+        def run():
+            with amp():
+                loss = loss_fn()
+            loss.backward()
+            opts[m].step()
+            opts[m].zero_grad(set_to_none=True)
+
+        return run
+
+    ours_step = step(ours, lambda: ours.loss(ours(x), y))
+    # HF shifts the labels itself (logits at t against labels[t + 1]): labels=x is its next-token
+    # loss, the same work (logits at every position, the last one's loss ignored).
+    hf_step = step(hf, lambda: hf(x, labels=x, use_cache=False).loss)
+    if not quick:
+        ours_step(), hf_step()  # allocate the optimizers' state, untimed
+    s_ours, s_hf = interleaved(ours_step, hf_step, 1 if quick else PAIRS, device, benchmark)
+    benchmark.group = f"vs Hugging Face: train {PRESET}"
+    benchmark.extra_info.update({
+        "bench": "train_vs_hf", "model": PRESET, "tie_weights": True, "qkv_bias": True, "batch": B, "seq_len": T,
+        "dtype": "bf16 autocast" if cuda else "fp32", "quick": quick, "pairs": 1 if quick else PAIRS,
+        "step_ms": sig(s_ours * 1e3), "hf_step_ms": sig(s_hf * 1e3), "vs_hf": sig(s_hf / s_ours),
+        "transformers": transformers.__version__, **_machine(device),
+    })
+
+
+def test_decode_vs_hf_and_bandwidth_bound(benchmark, models, device):
+    ours, hf = models
+    quick = benchmark.disabled
+    n_prompt, n_new = (4, 8) if quick else (16, 64)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ours, hf = ours.to(dtype).eval(), hf.to(dtype).eval()
+    prompt = torch.randint(0, ours.cfg.vocab_size, (1, n_prompt), device=device)
+    out = {}
+
+    def run_ours():
+        out["ours"] = generate(ours, prompt, max_new_tokens=n_new)
+
+    @torch.inference_mode()
+    def run_hf():
+        out["hf"] = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                                min_new_tokens=n_new, do_sample=False)
+
+    if not quick:
+        run_ours(), run_hf()  # first calls: allocator, lazy initialisation
+    bandwidths = []  # measured in every pair, under the conditions the pair ran in
+    s_ours, s_hf = interleaved(run_ours, run_hf, 1 if quick else PAIRS, device, benchmark,
+                               between=lambda: bandwidths.append(matvec_bandwidth_gbs(device, dtype)))
+    if out["ours"].shape != (1, n_prompt + n_new) or out["hf"].shape != out["ours"].shape:
+        raise AssertionError(f"generated {tuple(out['ours'].shape)} (ours) and {tuple(out['hf'].shape)} (HF) "
+                             f"tokens, expected {(1, n_prompt + n_new)}")
+    gbs = statistics.median(bandwidths)
+    nbytes = streamed_bytes(ours)
+    bound = gbs * 1e9 / nbytes  # tokens/s if a step did nothing but stream its weights
+    tps = n_new / s_ours
+    benchmark.group = f"vs Hugging Face: decode {PRESET} B=1"
+    benchmark.extra_info.update({
+        "bench": "decode_vs_hf", "model": PRESET, "tie_weights": True, "qkv_bias": True, "batch": 1,
+        "prompt_tokens": n_prompt, "new_tokens": n_new, "dtype": str(dtype).replace("torch.", ""),
+        "quick": quick, "pairs": 1 if quick else PAIRS,
+        "tokens_per_s": sig(tps), "hf_tokens_per_s": sig(n_new / s_hf), "vs_hf": sig(s_hf / s_ours),
+        # same weights, greedy: the same tokens, unless two logits tie to within rounding
+        "same_tokens": bool(torch.equal(out["ours"].cpu(), out["hf"].cpu())),
+        "weight_mb": sig(nbytes / 1e6), "matvec_gbs": sig(gbs), "bound_tokens_per_s": sig(bound),
+        "of_bound": sig(tps / bound), "hf_of_bound": sig(n_new / s_hf / bound),
+        "transformers": transformers.__version__, **_machine(device),
+    })
