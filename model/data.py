@@ -70,9 +70,10 @@ def load_text(source: str | Path = DEFAULT_CORPUS) -> str:
 
 def split_documents(docs: list[str], val_ratio: float, sep: str = EOT) -> tuple[list[int], list[int]]:
     """Token ids of (train, validation), validation being whole documents held out *throughout* the
-    corpus: a document goes to validation when that brings validation's share of the tokens seen so far
-    closer to `val_ratio` (it is below the ratio by more than half the document). So both splits sample the same mix of topics, and their losses compare
-    (a tail split of a sorted corpus would validate on its last topics only)."""
+    corpus: a document goes to validation when that brings validation's share of the tokens seen so
+    far closer to `val_ratio` (it is below the ratio by more than half the document). So both splits
+    sample the same mix of topics and their losses compare (a tail split of a sorted corpus would
+    validate on its last topics only)."""
     if not 0.0 < val_ratio < 1.0:
         raise ValueError(f"val_ratio must be in (0, 1), got {val_ratio}")
     train, val, seen = [], [], 0

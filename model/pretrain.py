@@ -107,19 +107,25 @@ def windows(ds: GPTDataset, idx: torch.Tensor, device) -> tuple[torch.Tensor, to
 
 def sample_text(model: GPTModel, prompt: str, max_new_tokens: int, device, *, temperature: float = 0.0,
                 top_k: int | None = None, seed: int = 0) -> str:
-    """A continuation of `prompt`, sampled with a fixed seed (the same draws at every evaluation, so
-    successive samples compare). A prompt longer than the context keeps its last tokens."""
-    from model.generate import generate
+    """`prompt` and `max_new_tokens` more tokens, sampled with a fixed seed (the same draws at every
+    evaluation, so successive samples compare; the global RNG is not touched)."""
+    from model.generate import generate, sample_next
 
     ctx = model.cfg.context_length
     ids = encode(prompt)
-    ids = ids[len(ids) - max(1, min(len(ids), ctx - 1)):]  # leave room for a new token (none if ctx is 1)
-    n = min(max_new_tokens, ctx - len(ids))
-    if n <= 0:
-        return decode(ids)
-    out = generate(model, torch.tensor([ids], device=device), n, temperature=temperature,
-                   top_k=top_k if temperature > 0 else None, seed=seed if temperature > 0 else None)  # (1, len + n)
-    return decode(out[0])
+    top_k = top_k if temperature > 0 else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if len(ids) + max_new_tokens <= ctx:  # the usual case: the KV cache
+        out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                       top_k=top_k, generator=gen)  # (1, len + n)
+        return decode(out[0])
+    # Longer than the context (a short --context-length): the book's chapter 4 loop, each step on the
+    # last `ctx` tokens only.
+    tokens = torch.tensor([ids], device=device)  # (1, len)
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -ctx:])[:, -1]  # (1, V)
+        tokens = torch.cat([tokens, sample_next(logits, temperature, top_k, None, gen)[:, None]], dim=1)
+    return decode(tokens[0])
 
 
 class PretrainJob:
@@ -170,10 +176,10 @@ class PretrainJob:
         return batch[0].numel()
 
     def evaluate(self, model, device, autocast) -> dict[str, float]:
-        return {
-            "eval_train_loss": estimate_loss(model, self.train_ds, self.batch_size, self.eval_batches, device, autocast),
-            "val_loss": estimate_loss(model, self.val_ds, self.batch_size, self.eval_batches, device, autocast),
-        }
+        def on(ds):
+            return estimate_loss(model, ds, self.batch_size, self.eval_batches, device, autocast)
+
+        return {"eval_train_loss": on(self.train_ds), "val_loss": on(self.val_ds)}
 
     def sample(self, model, device) -> str:
         return sample_text(model, self.pc.sample_prompt, self.pc.sample_tokens, device,
@@ -210,7 +216,8 @@ def plan(pc: PretrainConfig, rc: RunConfig):
     job = PretrainJob(pc, rc.batch_size, rc.eval_batches, rc.seed)
     with torch.device("meta"):  # counts the parameters without allocating them
         n_params = sum(p.numel() for p in GPTModel(job.cfg).parameters())
-    p = prepare(rc, job, model_config=job.cfg.to_dict(), n_params=n_params, default_out=pc.default_out())
+    p = prepare(rc, job, model_config=job.cfg.to_dict(), n_params=n_params,
+                model_name=f"--model {pc.model}", default_out=pc.default_out())
     if pc.fused and p.device.type == "cpu":
         p.notes.append("note: --fused on CPU runs the Triton kernels in Triton's interpreter: "
                        "slow, meant for checking")

@@ -111,6 +111,7 @@ def test_cli_end_to_end_writes_metrics_plot_checkpoint_and_learns(finished_run):
     assert "sample (step 30): 'Every effort moves you" in finished_run["stdout"]
     assert "step 30: train loss" in finished_run["stdout"]
     assert "tok/s, lr" in finished_run["stderr"]  # the progress bar
+    assert "eval:" in finished_run["stderr"] and "sample:" in finished_run["stderr"]  # it says what it is doing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,3 +323,168 @@ def test_fused_training_matches_the_pytorch_run(tmp_path, capsys):
     assert len(ref) == len(fused) == 3
     for r, f in zip(ref, fused):
         assert math.isclose(f["train_loss"], r["train_loss"], rel_tol=1e-4), (r, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Never a traceback, nothing lost, nothing stuck (issue 12)
+# ----------------------------------------------------------------------------------------------
+def test_a_diverging_loss_is_one_line_and_overwrite_keeps_the_old_run(finished_run, tmp_path):
+    """--lr 1e6 diverges: one line (exit 2), no traceback. With --overwrite the old run is replaced only
+    once the new one has written a checkpoint, so this failed replacement leaves it whole."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run["out"], old)
+    before = snapshot(old)
+    msg = run_main([*MICRO, "--data", finished_run["corpus"], "--steps", "20", "--lr", "1e6", "--warmup-steps", "0",
+                    "--eval-every", "0", "--overwrite", "--out", old])
+    assert msg is not None and msg.startswith("error: the training loss is") and "--lr" in msg, msg
+    assert "\n" not in msg and "Traceback" not in msg
+    assert snapshot(old) == before  # metrics.jsonl, loss.png and checkpoint.pt of the old run, untouched
+
+
+def test_overwrite_replaces_the_run_once_it_has_a_checkpoint(finished_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run["out"], old)
+    assert run_main([*MICRO, "--data", finished_run["corpus"], "--steps", "3", "--eval-every", "2",
+                     "--overwrite", "--out", old]) is None
+    assert [r["step"] for r in rows(old)] == [1, 2, 3]  # the new run's rows only
+    assert torch.load(old / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_leftover_metrics_without_a_checkpoint_do_not_block_a_rerun(tmp_path, resume):
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    out = tmp_path / "crashed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 10.9}\n{"step": 2, "train_lo')  # torn by a kill
+    assert run_main([*MICRO, "--data", corpus, "--steps", "2", "--eval-every", "0", "--out", out,
+                     *(["--resume"] if resume else [])]) is None
+    assert [r["step"] for r in rows(out)] == [1, 2] and rows(out)[0]["train_loss"] != 10.9
+
+
+def test_non_utf8_data_and_a_corrupted_checkpoint_are_named_in_one_line(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\u00e9 au lait, na\u00efve r\u00e9sum\u00e9. ".encode("latin-1") * 50)
+    msg = run_main([*MICRO, "--data", bad, "--steps", "2", "--out", tmp_path / "a"])
+    assert msg.startswith("error: ") and str(bad) in msg and "not UTF-8" in msg, msg
+
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    for name, content in (("random", os.urandom(4096)), ("text", b"not a checkpoint\n")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(content)
+        msg = run_main([*MICRO, "--data", corpus, "--steps", "2", "--out", out, "--resume"])
+        assert msg.startswith("error: cannot read checkpoint") and "not a PyTorch checkpoint" in msg, msg
+        assert "weights_only" not in msg
+
+
+def test_context_length_one_trains_and_samples(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.txt", repeats=2)
+    args = [*MICRO, "--context-length", "1", "--data", corpus, "--steps", "2", "--out", tmp_path / "r"]
+    assert run_main(args) is None
+    assert "sample (step 2): 'Every effort moves you" in capsys.readouterr().out  # a bigram model's continuation
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_samples_and_evaluations_do_not_shift_the_training_stream(tmp_path):
+    """Sampling (temperature + top-k, its own seeded generator) and evaluation at every step give the
+    same losses as neither, with dropout on, so any draw from the training stream would show."""
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    common = [*MICRO, "--data", corpus, "--steps", "4", "--dropout", "0.1", "--sample-tokens", "3"]
+    assert run_main([*common, "--eval-every", "0", "--sample-every", "0", "--out", tmp_path / "quiet"]) is None
+    assert run_main([*common, "--eval-every", "1", "--sample-every", "1", "--out", tmp_path / "busy"]) is None
+    quiet, busy = rows(tmp_path / "quiet"), rows(tmp_path / "busy")
+    assert [r["train_loss"] for r in quiet] == [r["train_loss"] for r in busy]
+    assert all("sample" in r for r in busy) and "sample" in quiet[-1]
+    assert busy[-1]["sample"] == quiet[-1]["sample"]  # the same seeded draws, whenever it runs
+
+
+def test_the_final_checkpoint_is_written_before_the_end_of_run_evaluation(tmp_path):
+    """An evaluation that fails at the end cannot lose the training: the checkpoint is already there."""
+    from model.engine import fit
+    from model.pretrain import build_model
+
+    corpus = write_corpus(tmp_path / "c.txt", repeats=8)
+    pc, rc = train_cli.configs([*MICRO, "--data", str(corpus), "--steps", "3", "--eval-every", "0",
+                                "--out", str(tmp_path / "r")])
+    job, p = plan(pc, rc)
+
+    def broken(*args):
+        raise RuntimeError("the evaluation broke")
+
+    job.evaluate = broken
+    with pytest.raises(RuntimeError, match="the evaluation broke"):
+        fit(p, job, build_model(pc, rc.seed))
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 3
+    # ... and --resume from it has nothing left to train, so the evaluation simply runs again.
+    assert run_main([*MICRO, "--data", corpus, "--steps", "3", "--eval-every", "0", "--out", tmp_path / "r",
+                     "--resume"]) is None
+
+
+def _wait_for_rows(path: Path, n: int, proc, timeout: float = 600) -> None:
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if path.is_file() and path.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} rows in {path} after {timeout} s")
+
+
+SIGNAL_RUN = [*MICRO, "--batch-size", "3", "--steps", "30", "--dropout", "0.1", "--eval-every", "0", "--lr", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def straight_signal_run(tmp_path_factory):
+    """The uninterrupted run the signalled ones are compared with (shared by both signals)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    corpus = write_corpus(tmp / "c.txt", repeats=8)
+    assert run_main([*SIGNAL_RUN, "--data", corpus, "--out", tmp / "run"]) is None
+    return {"corpus": corpus, "rows": rows(tmp / "run")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(straight_signal_run, tmp_path, sig, status):
+    import signal
+
+    common = [*SIGNAL_RUN, "--data", straight_signal_run["corpus"]]
+    split = tmp_path / "split"
+    proc = subprocess.Popen([sys.executable, "scripts/train.py", *map(str, common), "--out", str(split)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(split / "metrics.jsonl", 2, proc)
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr and "--resume" in stdout, (stdout, stderr)
+    stopped = torch.load(split / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 30 and [r["step"] for r in rows(split)] == list(range(1, stopped + 1))
+
+    assert run_main([*common, "--out", split, "--resume"]) is None
+    straight, resumed = straight_signal_run["rows"], rows(split)
+    assert [r["step"] for r in resumed] == list(range(1, 31))
+    for a, b in zip(straight, resumed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6, abs=1e-6), a["step"]
+
+
+def test_help_gives_every_flag_a_help_and_its_default():
+    import argparse
+
+    parser = train_cli.build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        text = train_cli.HelpFormatter("train.py")._get_help_string(action)
+        switch = action.nargs == 0
+        assert switch or "default" in text, (action.option_strings, text)
+    assert {"--steps", "--resume", "--overwrite", "--fused", "--sample-temperature"} <= {
+        s for a in parser._actions for s in a.option_strings}

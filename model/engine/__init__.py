@@ -35,14 +35,15 @@ A script uses it in three calls:
     result = fit(plan, job, model)                      # {"model", "rows", "step", "metrics"}
 
 Files: config.py (RunConfig and its flags), schedule.py (lr_at, param_groups), order.py (data
-order), run_files.py (checkpoint, metrics, plot, RNG states), prepare.py (the checks), loop.py (fit).
+order), run_files.py (checkpoint, metrics, plot, RNG states), plan.py (the checks: prepare -> Plan),
+job.py (the Job contract), loop.py (fit).
 """
 
 from model.engine.config import HelpFormatter, RunConfig, add_run_arguments, flag
 from model.engine.job import Job, unwrap
 from model.engine.loop import fit, forward_backward
 from model.engine.order import BatchOrder, epoch_order, micro_batches
-from model.engine.prepare import Dist, Plan, check_memory, prepare, training_memory
+from model.engine.plan import Dist, Plan, check_memory, prepare, training_memory
 from model.engine.run_files import CHECKPOINT, METRICS, PLOT, load_checkpoint, read_metrics
 from model.engine.schedule import lr_at, param_groups
 

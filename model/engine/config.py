@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 @dataclass
 class RunConfig:
-    """Every knob of the loop. `None` means "derived" (see `model.engine.prepare`)."""
+    """Every knob of the loop. `None` means "derived" (see `model.engine.plan`)."""
 
     steps: int | None = None  # a script's default when --epochs is not given either; else one epoch
     epochs: int | None = None
@@ -93,11 +93,13 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, steps_help: str | None = N
     length.add_argument("--steps", type=int, default=d.steps,
                         help=steps_help or "optimizer steps (default: one epoch unless --epochs)")
     length.add_argument("--epochs", type=int, default=d.epochs,
-                        help="passes over the training split" + ("" if d.epochs is None else f" (default: {d.epochs})"))
+                        help="passes over the training split"
+                        + (" (default: --steps)" if d.epochs is None else f" (default: {d.epochs})"))
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="final learning rate of the cosine (default: lr / 10)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr,
+                   help="final learning rate of the cosine (default: lr / 10)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear warmup steps (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of matmul weights")
@@ -120,5 +122,6 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, steps_help: str | None = N
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run in --out (the old one is kept until the new one's first checkpoint)")
     g.add_argument("--stop-after", type=int, metavar="STEP", default=d.stop_after,
-                   help="end this session after STEP (with a checkpoint), as if interrupted; --resume continues")
+                   help="end this session after STEP (with a checkpoint), as if interrupted; --resume continues "
+                        "(default: run to the end)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

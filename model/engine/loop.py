@@ -35,7 +35,7 @@ import torch
 from model.cli import Terminated, UsageError
 from model.engine.job import unwrap
 from model.engine.order import BatchOrder, micro_batches
-from model.engine.prepare import Plan, resume_key
+from model.engine.plan import Plan, resume_key
 from model.engine.run_files import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,

@@ -17,9 +17,10 @@ import torch
 from model.engine.config import RunConfig, flag
 from model.engine.run_files import CHECKPOINT, CHECKPOINT_FORMAT, METRICS, PLOT, load_checkpoint
 
-# bfloat16 autocast on a CPU without native bf16 matmuls: a training step of the tiny preset (batch 8
-# x 128 tokens) measured against float32 on this project's 2-core reference machine.
-CPU_BF16_SLOWDOWN = 20
+# bfloat16 autocast on a CPU without bf16 instructions (no AVX512_BF16 / AMX: its bf16 matmuls are
+# emulated): one training step of the tiny preset (batch 8 x 128 tokens, forward + backward + AdamW)
+# took 190-220 s against 11.4-11.9 s in float32 on this project's 2-core AMD EPYC (AVX2), interleaved.
+CPU_BF16_SLOWDOWN = 17
 # fp32 weights (4 bytes) for every parameter; a gradient and AdamW's two moments (12 bytes) for each
 # trainable one. Activations come on top.
 BYTES_PER_PARAM, BYTES_PER_TRAINABLE = 4, 12
@@ -80,6 +81,15 @@ def resolve_device(name: str, dist: Dist) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (Linux's flags; False where unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def machine_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, what) of the memory a run on `device` lives in."""
     if device.type == "cuda":
@@ -108,10 +118,11 @@ def check_memory(n_params: int, n_trainable: int, device: torch.device, what: st
 
 
 def prepare(rc: RunConfig, job, *, model_config: dict | None = None, n_params: int | None = None,
-            n_trainable: int | None = None, default_out: str | Path | None = None) -> Plan:
+            n_trainable: int | None = None, model_name: str = "the model",
+            default_out: str | Path | None = None) -> Plan:
     """Check the run before anything is written. `model_config` (a dict) is compared with a resumed
     checkpoint's; `n_params` / `n_trainable` feed the memory check (a model built on the meta device
-    counts them for free)."""
+    counts them for free), whose message names `model_name`."""
     rc.check()
     dist = Dist.from_env()
     device = resolve_device(rc.device, dist)
@@ -157,11 +168,12 @@ def prepare(rc: RunConfig, job, *, model_config: dict | None = None, n_params: i
     min_lr = rc.min_lr if rc.min_lr is not None else rc.lr / 10
 
     # Slow or impossible on this machine: say so with the figure.
-    if rc.dtype == "bfloat16" and device.type == "cpu":
-        notes.append(f"note: --dtype bfloat16 on a CPU is about {CPU_BF16_SLOWDOWN}x slower than float32 (measured: "
-                     "a tiny-preset training step); bfloat16 pays off on a GPU, use float32 here")
+    if rc.dtype == "bfloat16" and device.type == "cpu" and not cpu_has_bf16():
+        notes.append(f"note: --dtype bfloat16 on a CPU without bf16 instructions is about {CPU_BF16_SLOWDOWN}x slower "
+                     "than float32 (measured: a tiny-preset training step, 200 s vs 11.5 s on 2 cores); "
+                     "bfloat16 pays off on a GPU, use float32 here")
     if n_params is not None:
-        note = check_memory(n_params, n_params if n_trainable is None else n_trainable, device)
+        note = check_memory(n_params, n_params if n_trainable is None else n_trainable, device, model_name)
         if note:
             notes.append(note)
 
