@@ -23,11 +23,12 @@ class InstructJob:
     name = "instruct"
 
     def __init__(self, train, val, test, *, context_length: int, max_length: int | None, mask_prompt: bool,
-                 batch_size: int, eval_batches: int, source: str, settings: dict):
+                 batch_size: int, eval_batches: int, source: str, settings: dict, pad_id: int | None = None):
         if max_length is not None and max_length > context_length:
             raise ValueError(f"--max-length {max_length} exceeds the model's context length {context_length}")
         self.max_length = max_length or context_length  # longer sequences are cut (the book: 1024)
         self.mask_prompt = mask_prompt
+        self.pad_id = eot_id() if pad_id is None else pad_id  # <|endoftext|>: the book pads with it
         self.splits = {"train": train, "val": val, "test": test}
         self.items = {k: tokenize_instructions(v) for k, v in self.splits.items()}
         for name, part in self.splits.items():
@@ -36,7 +37,8 @@ class InstructJob:
         self.batch_size, self.eval_batches, self.source, self.settings = batch_size, eval_batches, source, settings
 
     def _collate(self, items, device):
-        return collate_instructions(items, max_length=self.max_length, mask_prompt=self.mask_prompt, device=device)
+        return collate_instructions(items, pad_id=self.pad_id, max_length=self.max_length,
+                                    mask_prompt=self.mask_prompt, device=device)
 
     def n_train(self) -> int:
         return len(self.items["train"])

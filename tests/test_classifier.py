@@ -182,22 +182,40 @@ def test_cli_refusals_are_one_line(base, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lora_and_fused_classifier_give_the_pytorch_losses(base, tmp_path):
-    """--lora-rank trains the adapters alone and saves them; --fused gives the PyTorch path's losses."""
-    data = _sms(tmp_path / "sms.txt", n=30)  # the kernels run in Triton's interpreter on a CPU: keep it tiny
+def test_lora_classifier_trains_the_adapters_alone_and_saves_them(base, tmp_path):
     main = _script("finetune_classifier")
-    losses = {}
-    for path in ("torch", "fused"):
-        out = tmp_path / path
-        args = ["--data", str(data), "--init-from", str(base / "hf"), "--out", str(out), "--steps", "3",
-                "--lora-rank", "2", "--no-progress", "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1",
-                "--lr", "1e-3"]
-        assert main(args + (["--fused"] if path == "fused" else [])) == 0
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses[path] = torch.tensor([r["train_loss"] for r in rows])
-        m = json.loads((out / "metrics.json").read_text())
-        assert m["trainable"] == "lora" and (out / "adapters.safetensors").is_file()
-    torch.testing.assert_close(losses["fused"], losses["torch"], rtol=1e-4, atol=1e-5)
+    out = tmp_path / "lora"
+    assert main(["--data", str(_sms(tmp_path / "sms.txt", n=30)), "--init-from", str(base / "hf"), "--out", str(out),
+                 "--steps", "2", "--lora-rank", "2", "--no-progress", "--batch-size", "4", "--eval-every", "0",
+                 "--eval-batches", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["trainable"] == "lora" and (out / "adapters.safetensors").is_file()
+    with torch.device("meta"):
+        want = set_trainable(to_classifier(GPTModel(TINY), 2), "lora", lora_rank=2)
+    assert m["trainable_parameters"] == sum(p.numel() for p in want.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_fused_classifier_job_gives_the_pytorch_losses(tmp_path):
+    """A few engine steps of the classification job with LoRA (the head's adapter included): the
+    fused path gives the PyTorch path's losses and accuracies."""
+    from model.classifier import ClassifierJob
+    from model.engine import RunConfig, fit, prepare
+
+    train, val, test = prepare_classification(_sms(tmp_path / "sms.txt", n=36), seed=1, context_length=32)
+    cfg = GPTConfig(context_length=32, emb_dim=32, n_heads=2, n_layers=1)
+    results = {}
+    for fused in (False, True):
+        job = ClassifierJob(train, val, test, pooling="last-real", batch_size=4, eval_batches=1, source="sms",
+                            settings={"data": "sms", "balance": True, "max_length": None, "label_column": "label",
+                                      "text_column": "text"})
+        rc = RunConfig(steps=3, batch_size=4, eval_every=0, eval_batches=1, lr=1e-2, out=str(tmp_path / str(fused)),
+                       progress=False, device="cpu")
+        torch.manual_seed(0)
+        model = set_trainable(to_classifier(GPTModel(cfg, fused=fused), 2), "lora", lora_rank=2)
+        rows = fit(prepare(rc, job), job, model)["rows"]
+        results[fused] = torch.tensor([r["train_loss"] for r in rows] + [rows[-1]["val_loss"], rows[-1]["val_accuracy"]])
+    torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-5)
 
 
 def test_real_sms_file_reads_and_balances(shared_data):
