@@ -196,7 +196,6 @@ def memory_traffic(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, dtype_
     """{kernel argument: (bytes read, bytes written)} of one launch of `kernel` ("fwd",
     "bwd_preprocess", "bwd_dkdv", "bwd_dq"); LSE and DELTA are fp32, the rest dtype_bytes."""
     e, f = dtype_bytes, 4
-    rows_q = [min(BLOCK_M, Tq - m0) for m0 in range(0, Tq, BLOCK_M)]  # real rows of each query tile
 
     def keys_loaded(m0):  # key rows a query tile loads: every visited tile, cut at Tk
         hi = min(m0 + BLOCK_M, Tq) + (Tk - Tq) if causal else Tk
@@ -984,6 +983,10 @@ COMPILE_SPECS = [
     CompileSpec(f"{OP}.train_dropout.{DTYPE_NAMES[dt]}.d64", _spec_train(12, 64, dt, dropout_p=0.1),
                 f"gpt2-124M training with attention dropout 0.1, {DTYPE_NAMES[dt]}")
     for dt in (torch.bfloat16, torch.float16)
+] + [
+    # The debug path that returns the dropout mask the kernels draw (tests use it; it must build too).
+    CompileSpec(f"{OP}.dropout_mask", lambda: dropout_mask(0, 1, 12, GPT2_CONTEXT, GPT2_CONTEXT, 0.1),
+                "the dropout mask of gpt2-124M's heads at T = 1024, p = 0.1")
 ] + [
     CompileSpec(f"{OP}.prefill.{DTYPE_NAMES[dt]}.d64", _spec_prefill(12, 64, dt),
                 f"gpt2-124M generation: a 7-token prompt into the KV cache, {DTYPE_NAMES[dt]}")

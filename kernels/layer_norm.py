@@ -89,8 +89,6 @@ block's second LayerNorm: 138 MB become 101 MB per block, 0.45 GB a training ste
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.autograd.function import once_differentiable
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.tokenizer import EOT, encode, get_tokenizer
+from model.tokenizer import encode, get_tokenizer
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 

@@ -15,7 +15,7 @@ position lens[b]. Each prompt therefore gets exactly the tokens it would get alo
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 

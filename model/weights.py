@@ -249,11 +249,9 @@ def load_training_checkpoint(path, *, fused: bool = False) -> GPTModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, in one line
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    from model.engine.run_files import load_checkpoint  # weights_only; one line for a damaged file
+
+    ckpt = load_checkpoint(path)
     config = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} is not a training checkpoint: expected a dict with 'model' and 'model_config' "
@@ -268,7 +266,7 @@ def load_training_checkpoint(path, *, fused: bool = False) -> GPTModel:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit its own model_config: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"{path}: its weights do not fit its model_config: {str(e).splitlines()[0]}") from e
     return model.use_fused_kernels(fused).eval()
 
 

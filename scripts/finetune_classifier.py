@@ -36,6 +36,7 @@ from model.engine import HelpFormatter, RunConfig, add_run_arguments, fit, prepa
 from model.finetune import add_model_arguments, check_model_arguments, load_base  # noqa: E402
 from model.finetune_data import prepare_classification  # noqa: E402
 from model.lora import count_trainable  # noqa: E402
+from model.ops import INTERPRETER_NOTICE  # noqa: E402
 
 METRICS_JSON, ACCURACY_PLOT = "metrics.json", "accuracy.png"
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.notes.append(f"trainable parameters: {n_trainable:,} ({trainable}"
                       + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + ")")
     if args.fused and plan.device.type == "cpu":
-        plan.notes.append("note: --fused on CPU runs the Triton kernels in Triton's interpreter: slow, meant for checking")
+        plan.notes.append(INTERPRETER_NOTICE)
 
     result = fit(plan, job, model)
     model, out = result["model"], plan.out

@@ -34,6 +34,7 @@ from model.finetune_data import read_instructions, split_instructions  # noqa: E
 from model.instruct import MAX_NEW_TOKENS, InstructJob, generate_responses  # noqa: E402
 from model.judge import DEFAULT_JUDGE_MODEL, JudgeUnavailable, score_responses  # noqa: E402
 from model.lora import ADAPTERS_NAME, apply_lora, count_trainable, lora_layers, merge_lora, save_adapters  # noqa: E402
+from model.ops import INTERPRETER_NOTICE  # noqa: E402
 from model.weights import save_pretrained  # noqa: E402
 
 METRICS_JSON, RESPONSES_JSON = "metrics.json", "instruction-data-with-response.json"
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.notes.insert(0, note)
     plan.notes.append(f"trainable parameters: {n_trainable:,}" + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else ""))
     if args.fused and plan.device.type == "cpu":
-        plan.notes.append("note: --fused on CPU runs the Triton kernels in Triton's interpreter: slow, meant for checking")
+        plan.notes.append(INTERPRETER_NOTICE)
 
     result = fit(plan, job, model)
     model, out = result["model"], plan.out

@@ -35,7 +35,7 @@ from model.cli import Terminated, UsageError, run, terminate_as_exception  # noq
 from model.generate import stream_generate  # noqa: E402
 from model.ops import INTERPRETER_NOTICE  # noqa: E402
 from model.tokenizer import EOT, EOT_ID, decode, encode  # noqa: E402
-from model.weights import CONFIG_NAME, WEIGHTS_NAME, load_pretrained  # noqa: E402
+from model import weights  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PROMPT = "Every effort moves you"  # the book's running example
@@ -61,47 +61,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A training checkpoint's dict, or a one-line reason why `path` is not one."""
-    try:
-        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds on a truncated, corrupted or foreign file
-        # Not torch's own text: for a damaged file it suggests weights_only=False, which would run
-        # whatever code the file holds and cannot repair it anyway.
-        why = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
-        why = f"{type(e).__name__}: {why}" if why else f"{type(e).__name__} (the file ends early?)"
-        raise ValueError(f"cannot read checkpoint {path}: not a checkpoint of scripts/train.py, or a damaged "
-                         f"one ({why})") from None
-    config = ckpt.get("model_config", ckpt.get("config")) if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} is not a training checkpoint: expected a dict with 'model' and 'model_config' "
-                         f"(or a folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a .safetensors file)")
-    return ckpt
-
-
 def load_model(checkpoint: str | None, preset: str) -> GPTModel:
     """A model on the CPU in float32, from any checkpoint kind --checkpoint accepts."""
     if checkpoint is None:
         print(f"warning: no --checkpoint: fresh random weights of the {preset!r} preset (gibberish)", file=sys.stderr)
         return GPTModel(GPTConfig.from_preset(preset))
     path = Path(checkpoint)
-    if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / "checkpoint.pt").is_file():
-        path = path / "checkpoint.pt"  # a training run's folder
-    if path.is_dir() or path.suffix == ".safetensors":
-        return load_pretrained(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
-    ckpt = read_checkpoint(path)
-    config = ckpt.get("model_config", ckpt.get("config"))
-    try:
-        model = GPTModel(GPTConfig(**config))
-        # torch.compile / DistributedDataParallel wrappers prefix the names; the weights are the same.
-        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-        model.load_state_dict(state)
-    except (TypeError, RuntimeError) as e:  # a config field this model lacks; weights of another shape
-        raise ValueError(f"{path}: its weights do not fit its model_config ({str(e).strip().splitlines()[0]})") from None
-    return model
+    return weights.load_model(path)
 
 
 def read_prompts(args) -> list[str]:
