@@ -19,5 +19,6 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    # hf: Hugging Face transformers, only as an optional baseline of bench/test_bench_hf.py.
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "hf": ["transformers"]},
 )
