@@ -12,7 +12,9 @@ import argparse
 
 import torch
 
+from model.engine import prepare
 from model.gpt import PRESETS, GPTConfig, GPTModel
+from model.lora import count_trainable
 from model.weights import load_model
 
 
@@ -52,13 +54,23 @@ def load_base(init_from: str | None, preset: str, *, dropout: float | None, fuse
         model = GPTModel(cfg)
     else:
         model, note = load_model(init_from), None
-    if dropout is not None or (fused and model.cfg.drop_rate > 0):
+    if dropout is not None:
         # Dropout is a config field: rebuild the config, keep the weights (its modules read it at build).
-        rate = 0.0 if dropout is None else dropout
-        if fused and rate > 0:
-            raise ValueError("--fused needs --dropout 0: the fused attention kernel does not implement attention dropout")
-        model = _with_dropout(model, rate)
+        # Either path honours it: the fused attention kernel drops inside the kernel.
+        model = _with_dropout(model, dropout)
     return model.use_fused_kernels(fused).train(), note
+
+
+def plan_finetune(rc, job, model: GPTModel, *, note: str | None, trainable: str, default_out: str):
+    """(plan, n_trainable): the engine's checks of a fine-tuning run, with its notes: where the
+    weights come from, and how many of them learn."""
+    n_trainable = count_trainable(model)
+    plan = prepare(rc, job, model_config=model.cfg.to_dict(), n_params=sum(p.numel() for p in model.parameters()),
+                   n_trainable=n_trainable, default_out=default_out, fused=model.fused)
+    if note:
+        plan.notes.insert(0, note)
+    plan.notes.append(f"trainable parameters: {n_trainable:,} ({trainable})")
+    return plan, n_trainable
 
 
 def _with_dropout(model: GPTModel, rate: float) -> GPTModel:

@@ -21,7 +21,6 @@ import torch
 from model.data import DEFAULT_CORPUS, GPTDataset, load_documents, split_documents, train_val_split
 from model.engine import RunConfig, fit, prepare
 from model.gpt import PRESETS, GPTConfig, GPTModel
-from model.ops import INTERPRETER_NOTICE
 from model.tokenizer import decode, encode
 
 # tiny preset, batch 8 x 128 tokens of the built-in corpus (~1.3 epochs): about 1 s a step on 2 idle
@@ -218,9 +217,7 @@ def plan(pc: PretrainConfig, rc: RunConfig):
     with torch.device("meta"):  # counts the parameters without allocating them
         n_params = sum(p.numel() for p in GPTModel(job.cfg).parameters())
     p = prepare(rc, job, model_config=job.cfg.to_dict(), n_params=n_params,
-                model_name=f"--model {pc.model}", default_out=pc.default_out())
-    if pc.fused and p.device.type == "cpu":
-        p.notes.append(INTERPRETER_NOTICE)
+                model_name=f"--model {pc.model}", default_out=pc.default_out(), fused=pc.fused)
     return job, p
 
 

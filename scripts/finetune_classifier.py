@@ -32,11 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from model.classifier import (POOLINGS, TRAINABLE, ClassifierJob, evaluate_split, plot_classifier,  # noqa: E402
                               save_classifier, set_trainable, to_classifier)
 from model.cli import run, terminate_as_exception  # noqa: E402
-from model.engine import HelpFormatter, RunConfig, add_run_arguments, fit, prepare  # noqa: E402
-from model.finetune import add_model_arguments, check_model_arguments, load_base  # noqa: E402
+from model.engine import HelpFormatter, RunConfig, add_run_arguments, fit  # noqa: E402
+from model.finetune import add_model_arguments, check_model_arguments, load_base, plan_finetune  # noqa: E402
 from model.finetune_data import prepare_classification  # noqa: E402
-from model.lora import count_trainable  # noqa: E402
-from model.ops import INTERPRETER_NOTICE  # noqa: E402
 
 METRICS_JSON, ACCURACY_PLOT = "metrics.json", "accuracy.png"
 
@@ -90,15 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         eval_batches=rc.eval_batches, source=args.data, settings=settings)
     to_classifier(model, len(train.labels))
     set_trainable(model, trainable, args.lora_rank, args.lora_alpha)
-    n_trainable = count_trainable(model)
-    plan = prepare(rc, job, model_config=model.cfg.to_dict(), n_params=sum(p.numel() for p in model.parameters()),
-                   n_trainable=n_trainable, default_out="runs/classifier")
-    if note:
-        plan.notes.insert(0, note)
-    plan.notes.append(f"trainable parameters: {n_trainable:,} ({trainable}"
-                      + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + ")")
-    if args.fused and plan.device.type == "cpu":
-        plan.notes.append(INTERPRETER_NOTICE)
+    plan, n_trainable = plan_finetune(rc, job, model, note=note, default_out="runs/classifier",
+                                      trainable=trainable + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
 
     result = fit(plan, job, model)
     model, out = result["model"], plan.out

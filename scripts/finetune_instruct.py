@@ -28,13 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 from model.cli import run, terminate_as_exception  # noqa: E402
-from model.engine import HelpFormatter, RunConfig, add_run_arguments, fit, prepare  # noqa: E402
-from model.finetune import add_model_arguments, check_model_arguments, load_base  # noqa: E402
+from model.engine import HelpFormatter, RunConfig, add_run_arguments, fit  # noqa: E402
+from model.finetune import add_model_arguments, check_model_arguments, load_base, plan_finetune  # noqa: E402
 from model.finetune_data import read_instructions, split_instructions  # noqa: E402
 from model.instruct import MAX_NEW_TOKENS, InstructJob, generate_responses  # noqa: E402
 from model.judge import DEFAULT_JUDGE_MODEL, JudgeUnavailable, score_responses  # noqa: E402
-from model.lora import ADAPTERS_NAME, apply_lora, count_trainable, lora_layers, merge_lora, save_adapters  # noqa: E402
-from model.ops import INTERPRETER_NOTICE  # noqa: E402
+from model.lora import ADAPTERS_NAME, apply_lora, lora_layers, merge_lora, save_adapters  # noqa: E402
 from model.weights import save_pretrained  # noqa: E402
 
 METRICS_JSON, RESPONSES_JSON = "metrics.json", "instruction-data-with-response.json"
@@ -80,14 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                       source=args.data, settings=settings)
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha or args.lora_rank)
-    n_trainable = count_trainable(model)
-    plan = prepare(rc, job, model_config=model.cfg.to_dict(), n_params=sum(p.numel() for p in model.parameters()),
-                   n_trainable=n_trainable, default_out="runs/instruct")
-    if note:
-        plan.notes.insert(0, note)
-    plan.notes.append(f"trainable parameters: {n_trainable:,}" + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else ""))
-    if args.fused and plan.device.type == "cpu":
-        plan.notes.append(INTERPRETER_NOTICE)
+    plan, n_trainable = plan_finetune(rc, job, model, note=note, default_out="runs/instruct",
+                                      trainable=f"LoRA rank {args.lora_rank}" if args.lora_rank else "all")
 
     result = fit(plan, job, model)
     model, out = result["model"], plan.out

@@ -16,6 +16,7 @@ import torch
 
 from model.engine.config import RunConfig, flag
 from model.engine.run_files import CHECKPOINT, CHECKPOINT_FORMAT, METRICS, PLOT, load_checkpoint
+from model.ops import INTERPRETER_NOTICE
 
 # bfloat16 autocast on a CPU without bf16 instructions (no AVX512_BF16 / AMX: its bf16 matmuls are
 # emulated): one training step of the tiny preset (batch 8 x 128 tokens, forward + backward + AdamW)
@@ -119,10 +120,11 @@ def check_memory(n_params: int, n_trainable: int, device: torch.device, what: st
 
 def prepare(rc: RunConfig, job, *, model_config: dict | None = None, n_params: int | None = None,
             n_trainable: int | None = None, model_name: str = "the model",
-            default_out: str | Path | None = None) -> Plan:
+            default_out: str | Path | None = None, fused: bool = False) -> Plan:
     """Check the run before anything is written. `model_config` (a dict) is compared with a resumed
     checkpoint's; `n_params` / `n_trainable` feed the memory check (a model built on the meta device
-    counts them for free), whose message names `model_name`."""
+    counts them for free), whose message names `model_name`; `fused` runs on a CPU get the
+    interpreter notice."""
     rc.check()
     dist = Dist.from_env()
     device = resolve_device(rc.device, dist)
@@ -184,6 +186,9 @@ def prepare(rc: RunConfig, job, *, model_config: dict | None = None, n_params: i
         if checkpoint["step"] >= total_steps:
             notes.append(f"note: the checkpoint is already at step {checkpoint['step']} of {total_steps}; "
                          "nothing to train")
+
+    if fused and device.type == "cpu":
+        notes.append(INTERPRETER_NOTICE)
 
     return Plan(rc, dist, device, out, total_steps, warmup, min_lr, steps_per_epoch, global_batch, mode,
                 checkpoint, model_config, notes)
