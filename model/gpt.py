@@ -229,15 +229,13 @@ class GPTModel(nn.Module):
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of the head on final hidden states x (B, T, C) against targets (B, T).
 
-        PyTorch path: head, then loss, as ever. Fused path: `linear_cross_entropy` runs the head and
-        the loss chunk by chunk, so the (B*T, V) logits (1.6 GB in fp32 at B=8, T=1024) never exist.
-        It reads `out_head.weight`; a LoRA-wrapped head (model/lora.py) gives there its effective
+        One seam op, `linear_cross_entropy`: the PyTorch path runs the head, then the loss; the fused
+        path runs them chunk by chunk, so the (B*T, V) logits (1.6 GB in fp32 at B=8, T=1024) never
+        exist. It reads `out_head.weight`; a LoRA-wrapped head (model/lora.py) gives there its effective
         weight W + (alpha/r) (A B)^T, so the adapter acts and gets its gradient through that tensor."""
         x, targets = x.flatten(0, 1), targets.flatten()  # (N, C), (N,)
-        if not self.fused:
+        if getattr(self.out_head, "bias", None) is not None:  # not GPT-2's head: the plain way
             return self.ops.cross_entropy(self.out_head(x), targets, ignore_index=ignore_index)
-        if getattr(self.out_head, "bias", None) is not None:
-            raise ValueError("the fused LM loss takes a head without bias")
         weight = self.out_head.weight  # (V, C)
         if torch.is_autocast_enabled(x.device.type):  # the head's matmul in autocast's dtype, as F.linear's
             dtype = torch.get_autocast_dtype(x.device.type)
