@@ -43,8 +43,8 @@ Fused (this file):
     backward  grad_output == 1 (eager): nothing; else read + write the gradient  0 (or 2) x 823 MB
     total                                                                        ~2.5 GB
 Both keep one (N, V) tensor alive between forward and backward (log_softmax there, the gradient
-here), so the saving is in traffic, not in memory. `linear_cross_entropy` at the end of this file
-(lesson 3b, kernels/linear_cross_entropy.py) saves the memory too: it never holds more than a chunk of
+here), so the saving is in traffic, not in memory. `linear_cross_entropy` (lesson 3b,
+kernels/linear_cross_entropy.py) saves the memory too: it never holds more than a chunk of
 rows of logits.
 
 We do not overwrite the logits with their gradient (Liger-Kernel does, to save that one buffer): the
