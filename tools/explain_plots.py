@@ -14,6 +14,15 @@ FULL, MASKED, SKIPPED = "#4c9f70", "#f0a030", "#e8e8e8"
 DPI = 90
 
 
+def _save(fig, out: str, name: str, rect=None) -> str:
+    """Lay the figure out, write it as out/name, free it; its path."""
+    fig.tight_layout(rect=rect)
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def _legend(fig):
     fig.legend(handles=[Patch(color=FULL, label="computed, no mask"), Patch(color=MASKED, label="computed with a mask"),
                         Patch(color=SKIPPED, label="skipped (never loaded)")],
@@ -60,11 +69,7 @@ def attention_tiles(schedules: dict, out: str) -> str:
               f"{title}\n{len(cells)} of {n_rows * n_cols} tile pairs computed")
     fig.suptitle("flash attention forward: one program per query tile (row)", fontsize=10)
     _legend(fig)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = os.path.join(out, "flash_attention_tiles.png")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "flash_attention_tiles.png", rect=(0, 0.06, 1, 1))
 
 
 def backward_orders(schedules: dict, out: str) -> str:
@@ -81,11 +86,7 @@ def backward_orders(schedules: dict, out: str) -> str:
     _grid(axes[1], cells, -(-Tq // bm), -(-Tk // bn), Tq, Tk, bm, bn,
           "dQ: one program per query tile (row),\nnumbers: the order it visits key tiles", order)
     _legend(fig)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path = os.path.join(out, "flash_attention_backward.png")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "flash_attention_backward.png", rect=(0, 0.06, 1, 1))
 
 
 def online_softmax(state: dict, out: str) -> str:
@@ -106,11 +107,7 @@ def online_softmax(state: dict, out: str) -> str:
     axes[2].set_xticks(x, [f"{s['tile']}" for s in steps], fontsize=7)
     axes[2].set_xlabel("after key tile (orange: the masked stage)", fontsize=8)
     fig.suptitle(f"online softmax of query row {state['row']}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out, "flash_attention_online_softmax.png")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "flash_attention_online_softmax.png")
 
 
 def decode_splits(reads: dict, lens: list, L: int, ns: int, bn: int, combine: dict, out: str) -> str:
@@ -138,11 +135,7 @@ def decode_splits(reads: dict, lens: list, L: int, ns: int, bn: int, combine: di
     ax.set_ylabel("w_i = 2^(lse_i - max) / sum", fontsize=8)
     ax.set_title(f"combine (seq 0, head 0): sum_i w_i o_i\n= kernel output to {combine['max_abs_diff_vs_kernel']:.1e}",
                  fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(out, "decode_attention_splits.png")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "decode_attention_splits.png")
 
 
 def rowwise_bytes(rep, out: str) -> str:
@@ -191,8 +184,4 @@ def rowwise_bytes(rep, out: str) -> str:
     ax.set_xlim(0, max(r + w for r, w in zip(rd, wr)) / 1024 * 1.25)
     ax.set_xlabel("KiB read + written", fontsize=8)
     ax.set_title("fused vs unfused" + (" (forward + backward)" if rep.backward else " (forward)"), fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(out, f"{rep.op}_bytes.png")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, out, f"{rep.op}_bytes.png")
