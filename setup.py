@@ -18,6 +18,8 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        # NumPy's BLAS on one thread in Triton's interpreter (kernels/_common.py): its tl.dot is np.matmul.
+        "threadpoolctl>=3.1",
     ],
     # hf: Hugging Face transformers, only as an optional baseline of bench/test_bench_hf.py.
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "hf": ["transformers"]},

@@ -87,10 +87,17 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------------------------
 # On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
 # for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
-# that covers the row. In the interpreter a block covers GPT-2's whole vocabulary (65,536 >= 50,257:
-# one trip per pass instead of 13) and a program takes as many rows as fit in INTERPRETER_TILE.
+# that covers the row. In the interpreter every element of a block costs a load whether its lane is
+# masked or not (about 25-35 ns a load or store, in Triton's C++), so the block is the power of 2
+# that pads the vocabulary least without making the loop long: 2,048 pads 50,257 to 51,200 (2%), where
+# one 65,536-wide block pads it by 30%. A program takes as many rows as make INTERPRETER_ROWS_TILE
+# elements (256 rows of 2,048), measured the fastest: large enough that the Python cost of each
+# tl.* call stops mattering, small enough for the tile's pointer array (8 bytes an element) to stay
+# in a CPU cache.
 MIN_BLOCK_V, MAX_BLOCK_V = 128, 4096
-INTERPRETER_MAX_BLOCK_V = 2**16
+INTERPRETER_BLOCK_V = 2048
+INTERPRETER_MAX_BLOCK_V = 2**16  # the widest a caller may ask for (tests of the one-block row)
+INTERPRETER_ROWS_TILE = INTERPRETER_TILE // 2
 _BLOCK_V_CHOICES = [2**k for k in range(int(math.log2(MIN_BLOCK_V)), int(math.log2(INTERPRETER_MAX_BLOCK_V)) + 1)]
 _GPU_BLOCK_V_CHOICES = [b for b in _BLOCK_V_CHOICES if b <= MAX_BLOCK_V]
 
@@ -101,10 +108,10 @@ def launch_config(V: int, max_block_v: int = MAX_BLOCK_V) -> dict:
     return {"BLOCK_ROWS": 1, "BLOCK_V": block_v, "num_warps": min(max(block_v // 256, 1), 16), "num_stages": NUM_STAGES}
 
 
-def interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_MAX_BLOCK_V) -> dict:
-    """The interpreter's: a block as wide as the vocabulary (up to 65,536), as many rows as fill the tile."""
+def interpreter_config(N: int, V: int, max_block_v: int = INTERPRETER_BLOCK_V) -> dict:
+    """The interpreter's: blocks of up to INTERPRETER_BLOCK_V, as many rows as fill its tile."""
     block_v = min(max(next_power_of_2(V), MIN_BLOCK_V), max_block_v)
-    rows = min(max(INTERPRETER_TILE // block_v, 1), next_power_of_2(N))
+    rows = min(max(INTERPRETER_ROWS_TILE // block_v, 1), next_power_of_2(N))
     return {"BLOCK_ROWS": rows, "BLOCK_V": block_v, "num_warps": 1, "num_stages": NUM_STAGES}
 
 
@@ -117,12 +124,13 @@ def memory_traffic(kernel: str, N: int, V: int, x_bytes: int, n_valid: int, has_
     """{kernel argument: (bytes read, bytes written)} of one launch of "fwd" over N rows of V logits,
     n_valid of them not ignored: each such row is read once for its log-sum-exp, once more for the
     gradient (with has_grad), plus its target logit; an ignored row reads nothing but its target and
-    writes zeros. Targets are int64, losses fp32."""
+    writes zeros. The gradient is written whole, then once more at each valid row's target (the
+    one-hot's correction). Targets are int64, losses fp32."""
     if kernel != "fwd":
         raise ValueError(f"unknown kernel {kernel!r}")
     reads_per_row = V * (2 if has_grad else 1) + 1
     return {"LOGITS": (n_valid * reads_per_row * x_bytes, 0), "TARGET": (N * 8, 0), "LOSS": (0, N * 4),
-            **({"GRAD": (0, N * V * x_bytes)} if has_grad else {})}
+            **({"GRAD": (0, (N * V + n_valid) * x_bytes)} if has_grad else {})}
 
 
 def flops(kernel: str, *args, **kwargs) -> int:
@@ -188,16 +196,23 @@ def _cross_entropy_fwd_kernel(
 
     if HAS_GRAD:
         # Pass 2: the gradient. exp(x - m - log d) is evaluated left to right, (x - m) first, for
-        # the same reason as above.
+        # the same reason as above. An ignored row loaded -inf with m = log d = 0: its p is exactly 0,
+        # so its zeros need no select of their own.
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             col_ok = (cols < V)[None, :]
             x = tl.load(logits_rows + cols[None, :], mask=valid[:, None] & col_ok, other=float("-inf")).to(tl.float32)
-            # -- d loss / d x_j = (softmax_j - [j == t]) * scale, 0 on ignored rows --
+            # -- d loss / d x_j = softmax_j * scale, for every j (the target's term comes below) --
             p = tl.exp(x - m[:, None] - log_d[:, None])
-            g = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * scale
-            g = tl.where(valid[:, None], g, 0.0)
-            tl.store(grad_rows + cols[None, :], cast_for_store(g, GRAD.dtype.element_ty), mask=in_range[:, None] & col_ok)
+            tl.store(grad_rows + cols[None, :], cast_for_store(p * scale, GRAD.dtype.element_ty), mask=in_range[:, None] & col_ok)
+        # -- the one-hot: d loss / d x_t = (softmax_t - 1) * scale, one element per row --
+        # Subtracting [j == t] inside the loop would cost a compare, a select and a subtraction on
+        # every logit for one element per row; instead the target's gradient is rewritten from x_t,
+        # which the loss already loaded (the same formula as the loop, so the same rounding). The
+        # barrier orders this store after the loop's store of the same element by another thread.
+        tl.debug_barrier()
+        p_t = tl.exp(x_t - m - log_d)
+        tl.store(GRAD + rows * V + tgt, cast_for_store((p_t - 1.0) * scale, GRAD.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def cross_entropy_forward(
     if N == 0:
         return loss, grad
     if interpreter_configs(logits.device):
-        cfg = interpreter_config(N, V, max_block_v or INTERPRETER_MAX_BLOCK_V)
+        cfg = interpreter_config(N, V, max_block_v or INTERPRETER_BLOCK_V)
     else:
         cfg = launch_config(V, min(max_block_v or MAX_BLOCK_V, MAX_BLOCK_V))
     with device_guard(logits.device):

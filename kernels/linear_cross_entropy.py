@@ -46,6 +46,7 @@ from kernels.cross_entropy import (  # lesson 3: the kernel, its launcher and th
     _reduce,
     _times_grad_output,
     cross_entropy_forward,
+    interpreter_config,
 )
 from kernels.cross_entropy import memory_traffic as cross_entropy_memory_traffic
 
@@ -125,8 +126,11 @@ def _check_linear_inputs(x, weight, target, ignore_index, reduction, chunk_size)
     check_device(x, weight, target, op=_OP)
     _check_target(target, N, _OP)
     if chunk_size is None:
-        if interpreter_configs(x.device):  # few chunks, few launches: logits of 16 tiles (64 MB in fp32)
-            return max(1, min(N, 16 * INTERPRETER_TILE // V))
+        if interpreter_configs(x.device):
+            # Few chunks, few launches: logits of about 16 tiles (64 MB in fp32), in whole programs of
+            # the kernel (a chunk's last, part-empty program would cost the interpreter a full one).
+            rows = interpreter_config(N, V)["BLOCK_ROWS"]
+            return max(1, min(N, max(rows, 16 * INTERPRETER_TILE // V // rows * rows)))
         return max(1, -(-N // -(-V // max(C, 1))))  # ceil(N / ceil(V / C)): chunk logits ~ x in size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
