@@ -11,11 +11,13 @@ code, which is how CI checks the kernels on a CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -28,7 +30,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Two pieces of the interpreter's bookkeeping that cost time and compute nothing.
+# Three pieces of the interpreter's own work that cost time and change no result (none touches a
+# kernel; a GPU build never sees them).
 # 1. A call to a @triton.jit helper. Triton 3.9's interpreter re-patches
 # triton.language for *every* call of a helper from inside a kernel (an `inspect.getmembers` walk over
 # the language modules, several milliseconds), though the launch patched them already for the whole
@@ -86,9 +89,8 @@ def _patch_helper_calls_once() -> None:
         builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
-
-# 3. The interpreter's tl.dot is NumPy's matmul, on tiles of a few hundred rows, one program after
-# another. NumPy's BLAS (OpenBLAS) wakes its threads for every product, and on a busy CPU, or next to
+# And one cost that is not the interpreter's own but lands on it: its tl.dot is NumPy's matmul, on
+# tiles of a few hundred rows, one program after another. NumPy's BLAS (OpenBLAS) wakes its threads for every product, and on a busy CPU, or next to
 # torch's own OpenMP threads in a training step, each wake-up costs milliseconds: a 128 x 32 by
 # 32 x 128 product measured 15.7 ms with OpenBLAS's 2 threads and 0.057 ms with one (2 cores, load 2).
 # Nothing runs beside a program in the interpreter, so one thread loses nothing. Only NumPy's BLAS
@@ -101,8 +103,76 @@ def _numpy_blas_on_one_thread() -> None:
     ThreadpoolController().select(user_api="blas", internal_api="openblas").limit(limits=1)
 
 
+# 3. Loads and stores. Triton 3.9's interpreter moves every element of a tl.load / tl.store through a
+# C++ loop (one checked, dtype-dispatched memcpy per element, masked lanes included): 25-40 ns an
+# element measured here, most of the time of a kernel that streams data (cross-entropy's passes over
+# 50,257 logits a row). A NumPy gather / scatter over the same addresses does the same work in a
+# third of the time: a load's pointers all point into one tensor (base + offsets, each a whole number
+# of elements), so a NumPy view from the lowest to the highest address requested reads exactly the
+# elements the loop would read (the view is only a window; nothing outside the addresses given is
+# touched). Masked-off lanes take `other`, as before. A store writes each address in order, so
+# repeated addresses end with the last value, as the loop's do.
+class _NumpyMemory:
+    """Stands in for the interpreter's C++ `load`/`store` (everything else is the original)."""
+
+    def __init__(self, native):
+        self._native = native
+
+    def __getattr__(self, name):
+        return getattr(self._native, name)
+
+    @staticmethod
+    def _window(ptrs, dtype):
+        """(ptrs - lowest) / itemsize as indices and a NumPy view of [lowest, highest] as dtype, or None
+        for an odd case (no pointer, a misaligned one, a dtype size not a power of 2): the C++ loop."""
+        item = dtype.itemsize
+        if ptrs.size == 0 or ptrs.dtype != np.uint64 or item & (item - 1):
+            return None
+        lo, hi = int(ptrs.min()), int(ptrs.max())
+        if lo == 0 or lo % item:
+            return None
+        raw = (ctypes.c_char * (hi - lo + item)).from_address(lo)
+        return (ptrs - np.uint64(lo)) >> np.uint64(item.bit_length() - 1), np.frombuffer(raw, np.uint8).view(dtype)
+
+    def load(self, ptrs, mask, other, dtype):
+        mask = np.broadcast_to(mask, ptrs.shape)
+        full = bool(mask.all())
+        window = self._window(ptrs if full else ptrs[mask], np.dtype(dtype))
+        if window is None:
+            return self._native.load(ptrs, mask, other, dtype)
+        index, memory = window
+        if full:
+            return memory[index]
+        out = np.array(np.broadcast_to(other, ptrs.shape), dtype=dtype)
+        out[mask] = memory[index]
+        return out
+
+    def store(self, ptrs, value, mask):
+        mask = np.broadcast_to(mask, ptrs.shape)
+        value = np.broadcast_to(value, ptrs.shape)
+        full = bool(mask.all())
+        window = self._window(ptrs if full else ptrs[mask], value.dtype)
+        if window is None:
+            return self._native.store(ptrs, value, mask)
+        index, memory = window
+        memory[index] = value if full else value[mask]
+
+
+def _numpy_loads_and_stores() -> None:
+    try:
+        from triton.runtime import interpreter as _interp
+
+        native = _interp._interpreter
+        native.load, native.store  # noqa: B018  (another Triton: keep its own)
+    except (ImportError, AttributeError):
+        return
+    if not isinstance(native, _NumpyMemory):
+        _interp._interpreter = _NumpyMemory(native)
+
+
 if INTERPRET:
     _patch_helper_calls_once()
+    _numpy_loads_and_stores()
     _numpy_blas_on_one_thread()
 
 # Dtypes every kernel accepts. Loads are cast to fp32 before arithmetic (the interpreter cannot do

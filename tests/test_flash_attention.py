@@ -324,16 +324,3 @@ def test_torch_compile_with_dropout():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-
-def test_interpreter_runs_numpy_blas_on_one_thread():
-    """The interpreter's tl.dot is np.matmul on small tiles: kernels._common keeps NumPy's OpenBLAS on
-    one thread there (its thread wake-ups cost milliseconds a dot on a busy CPU)."""
-    from kernels._common import INTERPRET
-
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    if not INTERPRET:
-        pytest.skip("only the interpreter runs tl.dot through NumPy")
-    pools = [p for p in threadpoolctl.threadpool_info() if p["internal_api"] == "openblas"]
-    if not pools:
-        pytest.skip("this NumPy's BLAS is not OpenBLAS")
-    assert all(p["num_threads"] == 1 for p in pools), pools

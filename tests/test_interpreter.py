@@ -1,0 +1,88 @@
+"""What kernels/_common.py changes in Triton's interpreter to make it faster must change no result:
+its NumPy loads and stores against the interpreter's own C++ loop, element for element, and NumPy's
+BLAS on one thread. (Every kernel test runs through them too.)"""
+
+import numpy as np
+import pytest
+
+import kernels._common as common
+
+pytestmark = pytest.mark.skipif(not common.INTERPRET, reason="only the interpreter is changed")
+
+
+def _native():
+    from triton._C.libtriton import interpreter as native  # the C++ loop
+
+    return native
+
+
+def _patched():
+    from triton.runtime import interpreter
+
+    return interpreter._interpreter  # what the interpreter calls now
+
+
+# (dtype, shape, how the pointers walk the buffer): contiguous, strided, reversed, one scalar
+CASES = [
+    (np.float32, (7, 33), "contiguous"),
+    (np.uint16, (5, 64), "strided"),  # bf16 travels as its 16-bit pattern
+    (np.int64, (129,), "reversed"),
+    (np.bool_, (3, 17), "contiguous"),
+    (np.float32, (1,), "contiguous"),
+]
+
+
+def _pointers(buf, shape, walk, rng):
+    n = int(np.prod(shape))
+    idx = {"contiguous": np.arange(n), "strided": np.arange(n) * 3, "reversed": np.arange(n)[::-1] + 5}[walk]
+    return (np.uint64(buf.ctypes.data) + idx.astype(np.uint64) * np.uint64(buf.itemsize)).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype,shape,walk", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("mask_kind", ["all", "some", "none"])
+def test_numpy_loads_and_stores_equal_the_interpreters_loop(dtype, shape, walk, mask_kind):
+    rng = np.random.default_rng(0)
+    buf = (rng.random(4 * int(np.prod(shape)) + 8) * 100).astype(dtype)
+    ptrs = _pointers(buf, shape, walk, rng)
+    mask = {"all": np.ones(shape, bool), "some": rng.random(shape) < 0.6, "none": np.zeros(shape, bool)}[mask_kind]
+    other = (rng.random(shape) * 100).astype(dtype)
+    native, patched = _native(), _patched()
+    assert patched is not native  # the patch is in place
+
+    want = native.load(ptrs, mask, other, np.dtype(dtype))
+    got = patched.load(ptrs, mask, other, np.dtype(dtype))
+    assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)
+
+    value = (rng.random(shape) * 100).astype(dtype)
+    buf_native = buf.copy()
+    native.store(_pointers(buf_native, shape, walk, rng), value, mask)
+    patched.store(ptrs, value, mask)
+    assert np.array_equal(buf, buf_native)
+
+
+def test_misaligned_pointers_fall_back_to_the_loop():
+    buf = np.arange(16, dtype=np.float32)
+    ptrs = np.uint64(buf.ctypes.data + 2) + np.arange(4, dtype=np.uint64) * np.uint64(4)  # 2 bytes off
+    mask, other = np.ones(4, bool), np.zeros(4, np.float32)
+    want = _native().load(ptrs, mask, other, np.dtype(np.float32))
+    assert np.array_equal(_patched().load(ptrs, mask, other, np.dtype(np.float32)), want)
+
+
+def test_numpy_blas_runs_on_one_thread():
+    """The interpreter's tl.dot is np.matmul on small tiles: NumPy's OpenBLAS stays on one thread
+    (its thread wake-ups cost milliseconds a dot on a busy CPU)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pools = [p for p in threadpoolctl.threadpool_info() if p["internal_api"] == "openblas"]
+    if not pools:
+        pytest.skip("this NumPy's BLAS is not OpenBLAS")
+    assert all(p["num_threads"] == 1 for p in pools), pools
+
+
+def test_a_store_to_repeated_addresses_ends_with_the_last_value():
+    rng = np.random.default_rng(1)
+    buf, buf_native = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    idx = rng.integers(0, 8, 200).astype(np.uint64)  # many lanes per address
+    value, mask = rng.random(200).astype(np.float32), rng.random(200) < 0.7
+    for b, mem in ((buf, _patched()), (buf_native, _native())):
+        mem.store(np.uint64(b.ctypes.data) + idx * np.uint64(4), value, mask)
+    assert np.array_equal(buf, buf_native)
