@@ -30,7 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Three pieces of the interpreter's own work that cost time and change no result (none touches a
+# Four pieces of the interpreter's own work that cost time and change no result (none touches a
 # kernel; a GPU build never sees them).
 # 1. A call to a @triton.jit helper. Triton 3.9's interpreter re-patches
 # triton.language for *every* call of a helper from inside a kernel (an `inspect.getmembers` walk over
@@ -53,8 +53,14 @@ def _patch_helper_calls_once() -> None:
         return
     langs_patched = []  # a stack: the language modules patched by the launch in progress
 
+    langs_by_fn = {}  # a kernel's or helper's module never swaps its language modules: look once
+
     def langs_of(fn):
-        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        langs = langs_by_fn.get(fn)
+        if langs is None:
+            langs = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+            langs_by_fn[fn] = langs
+        return langs
 
     def run_grid(self, *args, **kwargs):
         langs_patched.append(set(langs_of(self.fn)))
@@ -88,6 +94,22 @@ def _patch_helper_calls_once() -> None:
 
         builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
+    # 3. The interpreter maps a Triton dtype to a NumPy one by building a dict of every dtype, afresh on
+    # each of its ~40,000 calls in a training step of the tiny model (about a second in all). The map
+    # never changes: look each dtype up once.
+    np_dtype, np_dtypes = _interp._get_np_dtype, {}
+
+    def np_dtype_once(tt_dtype):
+        try:
+            return np_dtypes[tt_dtype]
+        except KeyError:
+            np_dtypes[tt_dtype] = found = np_dtype(tt_dtype)
+            return found
+        except TypeError:  # an unhashable type: the original lookup
+            return np_dtype(tt_dtype)
+
+    _interp._get_np_dtype = np_dtype_once
+
 
 # And one cost that is not the interpreter's own but lands on it: its tl.dot is NumPy's matmul, on
 # tiles of a few hundred rows, one program after another. NumPy's BLAS (OpenBLAS) wakes its threads for every product, and on a busy CPU, or next to
@@ -103,7 +125,7 @@ def _numpy_blas_on_one_thread() -> None:
     ThreadpoolController().select(user_api="blas", internal_api="openblas").limit(limits=1)
 
 
-# 3. Loads and stores. Triton 3.9's interpreter moves every element of a tl.load / tl.store through a
+# 4. Loads and stores. Triton 3.9's interpreter moves every element of a tl.load / tl.store through a
 # C++ loop (one checked, dtype-dispatched memcpy per element, masked lanes included): 25-40 ns an
 # element measured here, most of the time of a kernel that streams data (cross-entropy's passes over
 # 50,257 logits a row). A NumPy gather / scatter over the same addresses does the same work in a

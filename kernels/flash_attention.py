@@ -67,6 +67,7 @@ from kernels._common import (
     GPT2_CONTEXT,
     GPT2_PRESETS,
     INTERPRET,
+    INTERPRETER_TILE,
     LOG2E,
     TRAIN_DTYPES,
     CompileSpec,
@@ -804,6 +805,29 @@ def flash_attention_forward(q, k, v, causal: bool, sm_scale: float, dropout_p: f
     return o, lse
 
 
+def _one_head(t):
+    """(B, H, T, D) -> the same memory as (1, 1, B*H*T, D), or None when its strides do not allow it."""
+    try:
+        return t.view(1, 1, -1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _launch_preprocess(o, do, delta, block_d: int, interpreter_block_m):
+    """Delta = rowsum(dO * O) into delta (B, H, Tq). A row-wise reduction: in the interpreter the rows of
+    every (batch, head) are taken as one head's when O and dO allow the view (one or a few programs
+    instead of B * H: the interpreter's cost is per program); a GPU keeps one program per tile of a head.
+    interpreter_block_m: the interpreter's query tile (None on a GPU)."""
+    B, H, Tq, D = o.shape
+    block_m = _PRE_BLOCK_M if interpreter_block_m is None else interpreter_block_m
+    if interpreter_block_m is not None and (o1 := _one_head(o)) is not None and (do1 := _one_head(do)) is not None:
+        o, do, B, H, Tq = o1, do1, 1, 1, B * H * Tq
+        block_m = min(next_power_of_2(Tq), max(INTERPRETER_TILE // block_d, 16))
+    _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, block_m), H, B)](
+        o, do, delta, *o.stride(), *do.stride(), Tq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
+    )
+
+
 def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, dropout_p: float = 0.0,
                              seed: int = 0, grads=None, config=None):
     """Returns (dq, dk, dv), each in its input's shape and dtype. dO may have any strides (it is read
@@ -824,13 +848,9 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     interpreter = interpreter_configs(q.device)
     if config is None and interpreter:
         config = _interpreter_config(Tq, Tk)
-    pre_block_m = config["BLOCK_M"] if interpreter else _PRE_BLOCK_M
     rng = (float(sm_scale), float(dropout_p), int(seed))
     with device_guard(q.device):
-        _flash_attention_bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block_m), H, B)](
-            o, do, delta, *o.stride(), *do.stride(), Tq,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block_m,
-        )
+        _launch_preprocess(o, do, delta, meta["BLOCK_D"], config["BLOCK_M"] if interpreter else None)
         grid_kv = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, B)  # noqa: E731
         args = (q, k, v, do, dk, dv, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
