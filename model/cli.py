@@ -8,11 +8,13 @@ A script raises `UsageError` (or lets a `ValueError` / `FileNotFoundError` from 
 anything the user can fix: the message is printed as `error: <message>` on stderr and the process
 exits 2, argparse's status for a bad command line, in every script alike. Ctrl-C is 130 and SIGTERM
 143 (128 + the signal number, as a shell reports them) with one line, not a `KeyboardInterrupt`
-traceback. Anything else is a bug, and keeps its traceback.
+traceback. Output piped into a reader that stops early (`generate.py ... | head`) ends the script
+quietly with 141 (128 + SIGPIPE), as a Unix tool would. Anything else is a bug, and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -50,4 +52,9 @@ def run(main, argv: list[str] | None = None) -> None:
     except Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except BrokenPipeError:
+        # The reader of stdout has gone. Point stdout at /dev/null so that the flush at exit cannot
+        # raise again (Python's documented recipe), and end as a process killed by SIGPIPE reports.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + getattr(signal, "SIGPIPE", 13))
     sys.exit(status or 0)

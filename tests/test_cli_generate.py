@@ -182,6 +182,27 @@ def test_first_text_arrives_before_generation_ends(ckpt, sig, status, word):
     assert stopped_at >= first_text_at
 
 
+def test_a_reader_that_stops_early_ends_it_quietly(ckpt):
+    """`generate.py ... | head -c 30`: the reader closes the pipe while text is still coming. No
+    BrokenPipeError traceback; the status a process killed by SIGPIPE has (141)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--checkpoint", str(ckpt), "--prompt", PROMPT, "--no-cache",
+         "--max-new-tokens", str(CFG.context_length - 4), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )
+    try:
+        os.read(proc.stdout.fileno(), 30)  # the first text, as `head -c 30` would take it
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 141, err
+
+
 # ----------------------------------------------------------------------------------------------
 # --fused on a CPU, --help
 # ----------------------------------------------------------------------------------------------
