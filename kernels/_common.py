@@ -14,12 +14,16 @@ import contextlib
 import ctypes
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+# Imported already (torch imports Triton for a fused optimizer or torch.compile), Triton built its
+# language's own @triton.jit functions (tl.sum, tl.max, tl.rand, ...) for the compiler: see below.
+_TRITON_BEFORE_US = "triton" in sys.modules and "TRITON_INTERPRET" not in os.environ
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -27,6 +31,29 @@ import triton  # noqa: E402  (must come after the environment switch above)
 import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _language_for_the_interpreter() -> None:
+    """Rebuild the @triton.jit functions of triton.language for the interpreter, as an import after
+    the switch would have built them: a kernel that calls tl.sum would otherwise fail with "Cannot
+    call @triton.jit'd outside of the scope of a kernel" (say, after `torch.optim.AdamW(...,
+    fused=True)` imported Triton first)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    rebuilt = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                if id(obj) not in rebuilt:
+                    rebuilt[id(obj)] = InterpretedFunction(obj.fn)
+                setattr(module, attr, rebuilt[id(obj)])
+
+
+if INTERPRET and _TRITON_BEFORE_US:
+    _language_for_the_interpreter()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,3 +86,33 @@ def test_a_store_to_repeated_addresses_ends_with_the_last_value():
     for b, mem in ((buf, _patched()), (buf_native, _native())):
         mem.store(np.uint64(b.ctypes.data) + idx * np.uint64(4), value, mask)
     assert np.array_equal(buf, buf_native)
+
+
+def test_kernels_run_when_torch_imported_triton_first():
+    """torch imports Triton itself (a fused AdamW, torch.compile) and may do so before kernels/ switches
+    the interpreter on; the language's own jit functions (tl.sum, tl.max, tl.rand) must still work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import os, sys, torch\n"
+        "os.environ.pop('TRITON_INTERPRET', None)\n"
+        "torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), fused=True)\n"
+        "assert 'triton' in sys.modules\n"
+        "from kernels.layer_norm import layer_norm\n"
+        "from kernels.cross_entropy import cross_entropy\n"
+        "from kernels.flash_attention import flash_attention\n"
+        "x = torch.randn(5, 32)\n"
+        "ref = torch.nn.functional.layer_norm(x, (32,))\n"
+        "assert torch.allclose(layer_norm(x, torch.ones(32), torch.zeros(32)), ref, atol=1e-5)\n"
+        "t = torch.randint(0, 32, (5,))\n"
+        "assert torch.allclose(cross_entropy(x, t), torch.nn.functional.cross_entropy(x, t), atol=1e-5)\n"
+        "q = torch.randn(1, 2, 16, 16)\n"
+        "flash_attention(q, q, q, dropout_p=0.5)\n"  # tl.rand
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
