@@ -87,9 +87,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------------------------
 # On a GPU one program owns a row (BLOCK_ROWS = 1) and loops over it, so BLOCK_V only trades registers
 # for loop trips: 4096 fp32 values over 16 warps is 8 per thread. Small vocabularies get one chunk
-# that covers the row. In the interpreter every element of a block costs a load whether its lane is
-# masked or not (about 25-35 ns a load or store, in Triton's C++), so the block is the power of 2
-# that pads the vocabulary least without making the loop long: 2,048 pads 50,257 to 51,200 (2%), where
+# that covers the row. In the interpreter every lane of a block costs the same, masked or not (each
+# tl.* call is a NumPy operation over the whole tile), so the block is the power of 2 that pads the
+# vocabulary least without making the loop long: 2,048 pads 50,257 to 51,200 (2%), where
 # one 65,536-wide block pads it by 30%. A program takes as many rows as make INTERPRETER_ROWS_TILE
 # elements (256 rows of 2,048), measured the fastest: large enough that the Python cost of each
 # tl.* call stops mattering, small enough for the tile's pointer array (8 bytes an element) to stay
