@@ -89,14 +89,15 @@ def _prefill(model, tokens, lens, cache, chunk_size):
     logits (B, V) at each sequence's own last real token, lens[b] - 1. In chunks of `chunk_size`
     tokens if given: the same result, with the activations of one chunk alive at a time."""
     T = tokens.shape[1]
-    rows = torch.arange(tokens.shape[0], device=tokens.device)  # (B,)
+    # The head runs on one position per sequence (logits_at): the other T - 1 rows' logits are not needed.
     if chunk_size is None or chunk_size >= T:
-        return model(tokens, cache=cache, input_pos=0)[rows, lens - 1]  # (B, V)
+        return model(tokens, cache=cache, input_pos=0, logits_at=lens - 1)[:, 0]  # (B, V)
     last = None
     for s in range(0, T, chunk_size):
-        logits = model(tokens[:, s : s + chunk_size], cache=cache, input_pos=s)  # (B, c, V)
-        mine = (lens - 1 >= s) & (lens - 1 < s + logits.shape[1])  # (B,): last token in this chunk
-        picked = logits[rows, (lens - 1 - s).clamp(0, logits.shape[1] - 1)]  # (B, V)
+        chunk = tokens[:, s : s + chunk_size]  # (B, c)
+        at = (lens - 1 - s).clamp(0, chunk.shape[1] - 1)  # (B,): the last real token, if in this chunk
+        picked = model(chunk, cache=cache, input_pos=s, logits_at=at)[:, 0]  # (B, V)
+        mine = (lens - 1 >= s) & (lens - 1 < s + chunk.shape[1])  # (B,): last token in this chunk
         last = picked if last is None else torch.where(mine[:, None], picked, last)  # (B, V)
     return last
 
