@@ -15,6 +15,8 @@ position lens[b]. Each prompt therefore gets exactly the tokens it would get alo
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Iterator
 
 import torch
@@ -107,41 +109,77 @@ def _prefill(model, tokens, lens, cache, chunk_size):
 # Decode-ready weights: the layout a CPU streams fastest at batch 1
 # ----------------------------------------------------------------------------------------------
 # At batch 1 a decode step is a chain of matrix-vector products: every weight is read once per token
-# for 2 FLOPs per 4 bytes (fp32), so a step lasts (weight bytes) / (the bandwidth the products reach).
-# On a CPU, MKL's product reaches a bandwidth that depends on how the weight is stored: x W^T with
-# W (out, in) row-major, as nn.Linear keeps it, runs as an "NT" gemm; with W column-major (W^T
-# contiguous, shape (in, out)) as an "NN" gemm, and when out > in that one streams much faster.
-# Measured at M = 1, fp32, on a 2-core EPYC (AVX2, MKL 2024.2), GB/s row-major -> column-major:
-#     LM head 50257 x 768: 10.5 -> 18.5    mlp.fc 3072 x 768: 14.0 -> 21.2    attn.qkv 2304 x 768: 21.8 -> 26.8
-#     mlp.proj 768 x 3072: 18.1 -> 15.7 (out < in: it stays)    attn.out_proj 768 x 768: the same either way
-# So decoding runs the Linears with out > in on column-major copies of their weights: the same numbers,
-# summed in another order (the logits agree to fp32 rounding). The copies cost one transposing copy
-# each, once (gpt2-124M: ~0.4 s and +351 MB, 71% of the weights; the tied head alone is 154 MB), and
-# are cached on the model, rebuilt when one of those weights changes (its data_ptr or version counter
-# moves: an optimizer step, load_state_dict, `.to()`; a write through `.data` moves neither, so call
-# `release_decode_weights(model)` after one). Batch 2 and 4 still gain (MKL then runs about one pass
-# over the weights per row); they are not used on a GPU (not measured there), on the fused path, or
-# for batches above DECODE_LAYOUT_MAX_BATCH.
+# for 2 FLOPs per 4 bytes (fp32), so a step lasts about (weight bytes) / (the bandwidth the products
+# reach). On a CPU that bandwidth depends on how the weights sit in memory, in two ways (measured at
+# M = 1, fp32, one thread, on a 2-core EPYC with AVX2 and MKL 2024.2):
+#   * Layout. x W^T with W (out, in) row-major, as nn.Linear keeps it, runs as an "NT" gemm; with W
+#     column-major (W^T contiguous, shape (in, out)) as an "NN" gemm, and when out > in the latter
+#     streams much faster. GB/s row-major -> column-major: LM head 50257 x 768 10.5 -> 18.5,
+#     mlp.fc 3072 x 768 14.0 -> 21.2, attn.qkv 2304 x 768 21.8 -> 26.8; mlp.proj 768 x 3072 (out < in)
+#     goes the other way (18.1 -> 15.7) and stays row-major, the square attn.out_proj is the same.
+#   * Pages. 494 MB streamed through 4 KB pages is 120k pages, each a TLB miss and a restart of the
+#     hardware prefetcher (which stops at a page boundary). In 2 MB pages (Linux's transparent huge
+#     pages, which a program asks for with madvise) the twelve blocks' linears take 20.7 ms a token
+#     instead of 24.1, the head 7.4 ms instead of 8.2.
+# So decoding runs every plain Linear on a copy of its weight, in its faster layout, all of them in
+# one buffer of huge pages in the order a step reads them. The same numbers, summed in another order:
+# the logits agree to fp32 rounding. The cost: the weights once more in memory (gpt2-124M: +494 MB,
+# the tied head's transpose included) and one copy of them (~0.5 s), made on first use and cached on
+# the model, rebuilt when a weight changes (its data_ptr or version counter moves: an optimizer step,
+# load_state_dict, `.to()`; a write through `.data` moves neither, so call
+# `release_decode_weights(model)` after one; that call also frees the memory). Batches of 2 and 4
+# still gain (MKL then makes about one pass over the weights per row). Not used on a GPU (not
+# measured there), on the fused path, or for batches above DECODE_LAYOUT_MAX_BATCH.
 DECODE_LAYOUT_MAX_BATCH = 4
+_HUGE_PAGE = 2 << 20  # bytes
 
 
-def _column_major_linears(model) -> dict[str, nn.Linear]:
-    # Plain Linears only: a LoRA-wrapped one (model/lora.py) computes its own effective weight.
-    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and m.out_features > m.in_features}
+def _huge_page_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (numel,) CPU tensor that starts on a 2 MB boundary, its pages asked to be huge ones
+    (madvise before the first write: the kernel then backs each 2 MB with one page). Where that is
+    not possible (not Linux, transparent huge pages off) the memory is plain, and only slower."""
+    raw = torch.empty(numel + _HUGE_PAGE // dtype.itemsize, dtype=dtype)  # large: fresh, untouched pages from mmap
+    skip = -raw.data_ptr() % _HUGE_PAGE // raw.element_size()  # elements up to the next 2 MB boundary
+    buf = raw[skip : skip + numel]
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            length = -(-numel * buf.element_size() // _HUGE_PAGE) * _HUGE_PAGE
+            libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            pass
+    return buf
+
+
+def _decode_linears(model) -> dict[str, nn.Linear]:
+    # Plain Linears only (a LoRA-wrapped one, model/lora.py, computes its own effective weight), in the
+    # order a step reads them: the modules' registration order (blocks in turn, then the head).
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
 
 
 def decode_weights(model) -> dict[str, torch.Tensor]:
-    """{parameter name: column-major copy} of the weights that stream faster so at batch 1 on a CPU
-    (see above), for `torch.func.functional_call`. Built on first use, then cached on the model
-    until one of those weights changes."""
-    linears = _column_major_linears(model)
+    """{parameter name: copy} of every plain Linear's weight in the layout it streams fastest at batch 1
+    on a CPU (column-major when out > in; see above), for `torch.func.functional_call`. Built on first
+    use, then cached on the model until one of those weights changes."""
+    linears = _decode_linears(model)
     key = tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for name, m in linears.items())
     cached = model.__dict__.get("_decode_weights")
     if cached is not None and cached[0] == key:
         return cached[1]
     release_decode_weights(model)  # the stale copies go before the new ones are made
+    weights = {}
+    dtypes = {m.weight.dtype for m in linears.values()}
     with torch.no_grad():
-        weights = {f"{name}.weight": m.weight.detach().t().contiguous().t() for name, m in linears.items()}
+        for dtype in dtypes:
+            mine = {name: m.weight for name, m in linears.items() if m.weight.dtype == dtype}
+            buf = _huge_page_buffer(sum(w.numel() for w in mine.values()), dtype)
+            start = 0
+            for name, w in mine.items():
+                out, inp = w.shape
+                seg = buf[start : start + w.numel()]
+                start += w.numel()
+                copy = seg.view(inp, out).t() if out > inp else seg.view(out, inp)  # (out, in) either way
+                weights[f"{name}.weight"] = copy.copy_(w)
     model.__dict__["_decode_weights"] = (key, weights)  # a plain attribute: not in state_dict, not moved by .to()
     return weights
 

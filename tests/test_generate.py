@@ -141,12 +141,13 @@ def test_decode_weights_give_the_logits_to_fp32_rounding():
     m = make_model(WIDE)
     exact = copy.deepcopy(m).double()
     weights = decode_weights(m)
-    # The Linears with out > in: the (tied) head, qkv and mlp.fc of every block; proj and out_proj stay.
+    # Every Linear, the (tied) head included: column-major when out > in (head, qkv, mlp.fc), else as is.
     assert sorted(weights) == sorted(["out_head.weight"] + [f"blocks.{i}.{n}.weight" for i in range(2)
-                                                              for n in ("attn.qkv", "mlp.fc")])
+                                                              for n in ("attn.qkv", "attn.out_proj", "mlp.fc", "mlp.proj")])
     for name, w in weights.items():
         p = m.get_parameter(name)
-        assert torch.equal(w, p) and w.stride() == (1, p.shape[0]), name  # same numbers, column-major
+        out, inp = p.shape
+        assert torch.equal(w, p) and w.stride() == ((1, out) if out > inp else (inp, 1)), name  # same numbers
     idx = torch.randint(0, 501, (1, 12))
 
     def run(model, params=None):
