@@ -134,7 +134,7 @@ DECODE_LAYOUT_MAX_BATCH = 4
 _HUGE_PAGE = 2 << 20  # bytes
 
 
-def _huge_page_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An empty (numel,) CPU tensor that starts on a 2 MB boundary, its pages asked to be huge ones
     (madvise before the first write: the kernel then backs each 2 MB with one page). Where that is
     not possible (not Linux, transparent huge pages off) the memory is plain, and only slower."""
@@ -172,7 +172,7 @@ def decode_weights(model) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for dtype in dtypes:
             mine = {name: m.weight for name, m in linears.items() if m.weight.dtype == dtype}
-            buf = _huge_page_buffer(sum(w.numel() for w in mine.values()), dtype)
+            buf = huge_page_empty(sum(w.numel() for w in mine.values()), dtype)
             start = 0
             for name, w in mine.items():
                 out, inp = w.shape
