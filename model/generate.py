@@ -124,13 +124,17 @@ def _prefill(model, tokens, lens, cache, chunk_size):
 # So decoding runs every plain Linear on a copy of its weight, in its faster layout, all of them in
 # one buffer of huge pages in the order a step reads them. The same numbers, summed in another order:
 # the logits agree to fp32 rounding. The cost: the weights once more in memory (gpt2-124M: +494 MB,
-# the tied head's transpose included) and one copy of them (~0.5 s), made on first use and cached on
+# the tied head's transpose included) and the time to copy them, made on first use and cached on
 # the model, rebuilt when a weight changes (its data_ptr or version counter moves: an optimizer step,
 # load_state_dict, `.to()`; a write through `.data` moves neither, so call
-# `release_decode_weights(model)` after one; that call also frees the memory). Batches of 2 and 4
-# still gain (MKL then makes about one pass over the weights per row). Not used on a GPU (not
-# measured there), on the fused path, or for batches above DECODE_LAYOUT_MAX_BATCH.
+# `release_decode_weights(model)` after one; that call also frees the memory). The copy pays for
+# itself after ~30 tokens (gpt2-124M: it takes 0.3-0.5 s, about 1 s with a process's first
+# huge-page faults, and saves ~10 ms a token), so `generate` makes it only when asked for at least
+# DECODE_LAYOUT_MIN_TOKENS new tokens, and uses a still-valid cached copy for any length. Batches of
+# 2 and 4 still gain (MKL then makes about one pass over the weights per row). Not used on a GPU
+# (not measured there), on the fused path, or for batches above DECODE_LAYOUT_MAX_BATCH.
 DECODE_LAYOUT_MAX_BATCH = 4
+DECODE_LAYOUT_MIN_TOKENS = 32
 _HUGE_PAGE = 2 << 20  # bytes
 
 
@@ -162,10 +166,9 @@ def decode_weights(model) -> dict[str, torch.Tensor]:
     on a CPU (column-major when out > in; see above), for `torch.func.functional_call`. Built on first
     use, then cached on the model until one of those weights changes."""
     linears = _decode_linears(model)
-    key = tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for name, m in linears.items())
-    cached = model.__dict__.get("_decode_weights")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    cached = _cached_decode_weights(model, linears)
+    if cached is not None:
+        return cached
     release_decode_weights(model)  # the stale copies go before the new ones are made
     weights = {}
     dtypes = {m.weight.dtype for m in linears.values()}
@@ -178,10 +181,24 @@ def decode_weights(model) -> dict[str, torch.Tensor]:
                 out, inp = w.shape
                 seg = buf[start : start + w.numel()]
                 start += w.numel()
-                copy = seg.view(inp, out).t() if out > inp else seg.view(out, inp)  # (out, in) either way
-                weights[f"{name}.weight"] = copy.copy_(w)
-    model.__dict__["_decode_weights"] = (key, weights)  # a plain attribute: not in state_dict, not moved by .to()
+                if out > inp:  # W^T written contiguously (PyTorch's blocked transposing copy), read as W
+                    weights[f"{name}.weight"] = seg.view(inp, out).copy_(w.t()).t()  # (out, in), column-major
+                else:
+                    weights[f"{name}.weight"] = seg.view(out, inp).copy_(w)  # (out, in), row-major
+    model.__dict__["_decode_weights"] = (_decode_key(linears), weights)  # a plain attribute: not in state_dict
     return weights
+
+
+def _decode_key(linears) -> tuple:
+    # What changes when a weight does: its storage (data_ptr) or its in-place version counter.
+    return tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for name, m in linears.items())
+
+
+def _cached_decode_weights(model, linears=None) -> dict[str, torch.Tensor] | None:
+    cached = model.__dict__.get("_decode_weights")
+    if cached is None or cached[0] != _decode_key(_decode_linears(model) if linears is None else linears):
+        return None
+    return cached[1]
 
 
 def release_decode_weights(model) -> None:
@@ -189,10 +206,12 @@ def release_decode_weights(model) -> None:
     model.__dict__.pop("_decode_weights", None)
 
 
-def _wants_decode_layout(model, batch_size: int, decode_layout: bool | None) -> bool:
+def _wants_decode_layout(model, batch_size: int, max_new_tokens: int, decode_layout: bool | None) -> bool:
     if decode_layout is not None:
         return decode_layout
-    return next(model.parameters()).device.type == "cpu" and not model.fused and batch_size <= DECODE_LAYOUT_MAX_BATCH
+    if next(model.parameters()).device.type != "cpu" or model.fused or batch_size > DECODE_LAYOUT_MAX_BATCH:
+        return False
+    return max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS or _cached_decode_weights(model) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +263,7 @@ def stream_generate(
         )
     if decode_layout is not None and not isinstance(decode_layout, bool):
         raise ValueError(f"decode_layout must be True, False or None (automatic), got {decode_layout!r}")
-    decode_layout = use_cache and not cuda_graph and _wants_decode_layout(model, tokens.shape[0], decode_layout)
+    decode_layout = use_cache and not cuda_graph and _wants_decode_layout(model, tokens.shape[0], max_new_tokens, decode_layout)
     return _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad,
                   use_cache, generator, prefill_chunk_size, cuda_graph, decode_layout)
 
@@ -371,7 +390,8 @@ def generate(
     `prefill_chunk_size` runs the prompt through the cache in chunks; `cuda_graph` replays each
     decode step as one CUDA graph (CUDA and the KV cache; either path). `decode_layout` runs the cached
     decode on column-major copies of the wide weights (see `decode_weights`): None decides (a CPU,
-    the PyTorch path, batch <= DECODE_LAYOUT_MAX_BATCH), True / False force it on / off.
+    the PyTorch path, batch <= DECODE_LAYOUT_MAX_BATCH, and max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS
+    unless the copies are already cached), True / False force it on / off.
 
     Returns the same kind as `idx`: a (B, T + n) tensor (prompt then new tokens, n <= max_new_tokens),
     or a list of token-id lists (each prompt then its own new tokens, stopping at eos).

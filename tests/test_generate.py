@@ -12,7 +12,7 @@ import torch
 
 from accuracy import assert_close_to_reference, seeded
 from model import GPTConfig, GPTModel, generate, stream_generate
-from model.generate import DECODE_LAYOUT_MAX_BATCH, decode_weights, release_decode_weights, sample_next
+from model.generate import DECODE_LAYOUT_MAX_BATCH, DECODE_LAYOUT_MIN_TOKENS, decode_weights, release_decode_weights, sample_next
 from model.kv_cache import KVCaches
 from model.ops import TorchOps
 from model.weights import save_pretrained
@@ -132,7 +132,7 @@ def test_logits_at_picks_rows_of_the_full_forward():
 # Decode-ready weights: column-major copies of the wide Linears (batch-1 decode on a CPU)
 # ----------------------------------------------------------------------------------------------
 # Wider than SMALL, so that the sums of the products have some length to round over.
-WIDE = GPTConfig(vocab_size=501, context_length=32, emb_dim=96, n_heads=4, n_layers=2, qkv_bias=True, tie_weights=True)
+WIDE = GPTConfig(vocab_size=501, context_length=48, emb_dim=96, n_heads=4, n_layers=2, qkv_bias=True, tie_weights=True)
 
 
 @torch.no_grad()
@@ -182,14 +182,19 @@ def test_decode_weights_are_cached_and_follow_weight_changes():
     assert "_decode_weights" not in vars(m)
 
 
-def test_decode_layout_is_automatic_on_a_cpu_at_small_batches_only():
+def test_decode_layout_is_automatic_on_a_cpu_for_small_batches_and_long_enough_runs():
     m = make_model(WIDE)
-    generate(m, [[1]] * (DECODE_LAYOUT_MAX_BATCH + 1), 2)
+    n = DECODE_LAYOUT_MIN_TOKENS
+    generate(m, [[1]] * (DECODE_LAYOUT_MAX_BATCH + 1), n)
     assert "_decode_weights" not in vars(m)  # a large batch: the products are no longer matrix-vector
-    generate(m, [[1, 2]], 2, use_cache=False)
+    generate(m, [[1, 2]], n, use_cache=False)
     assert "_decode_weights" not in vars(m)  # no cache, no decode steps
+    generate(m, [[1, 2]], n - 1)
+    assert "_decode_weights" not in vars(m)  # too few tokens to pay for the copy
+    generate(m, [[1, 2]], n)
+    w = vars(m)["_decode_weights"]
     generate(m, [[1, 2]], 2)
-    assert "_decode_weights" in vars(m)
+    assert vars(m)["_decode_weights"] is w  # once made (and valid), used at any length
     with pytest.raises(ValueError, match="decode_layout"):
         generate(m, [[1, 2]], 2, decode_layout="yes")
 
