@@ -31,6 +31,7 @@ import contextlib
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -92,8 +93,8 @@ class MatvecBandwidth:
     than any cache), the bytes of W over the median time, in every way we know to store W, the best
     one being the bound's bandwidth. The ways: row-major (as nn.Linear keeps it) or column-major
     (how `model.generate.decode_weights` keeps the wide ones), each square and tall (head-like, k =
-    768); on a CPU also in 2 MB pages (as the decode copies are) and in MKL's packed format (a layout
-    the decode does not use: the bound is not limited to what we do)."""
+    768); on a CPU also in 2 MB pages (as the decode copies are), in MKL's packed format, and split by
+    rows across torch's threads (ways the decode does not use: the bound is not limited to what we do)."""
 
     def __init__(self, device, dtype=torch.float32, mib: int = 256):
         n = mib * 2**20 // dtype.itemsize
@@ -101,24 +102,37 @@ class MatvecBandwidth:
         pages = {"4k": torch.randn(n, device=device, dtype=dtype)}
         if cpu:
             pages["2M"] = huge_page_empty(n, dtype).copy_(pages["4k"])
-        self.x, self.ways = {}, {}
+        self.x, self.ways, self.split = {}, {}, {}
         for rows, k in (("square", int(n**0.5)), ("tall", 768)):
             m = n // k
             self.x[rows] = torch.randn(1, k, device=device, dtype=dtype)
             for page, buf in pages.items():
                 self.ways[f"{rows}/row-major/{page}"] = (rows, buf[: m * k].view(m, k))  # (m, k)
                 self.ways[f"{rows}/column-major/{page}"] = (rows, buf[: m * k].view(k, m).t())  # (m, k)
+        # Split by rows across the threads torch may use, one call each (torch releases the GIL): MKL
+        # runs an M = 1 product on one thread, and one core may not draw all the bandwidth there is.
+        threads = torch.get_num_threads()
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        if self.pool is not None:
+            for rows in ("square", "tall"):
+                for layout in ("row-major", "column-major"):
+                    w = self.ways[f"{rows}/{layout}/{'2M' if cpu else '4k'}"][1]
+                    self.split[f"{rows}/{layout}/{threads}-thread-split"] = (rows, w, w.chunk(threads, dim=0))
         self.packed = {}
         if cpu and dtype == torch.float32 and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"):
             for rows in ("square", "tall"):
                 w = self.ways[f"{rows}/row-major/4k"][1]
                 self.packed[f"{rows}/mkl-packed"] = (rows, w, torch.ops.mkl._mkl_reorder_linear_weight(w, 1))
-        self.gbs = {name: [] for name in [*self.ways, *self.packed]}
+        self.gbs = {name: [] for name in [*self.ways, *self.split, *self.packed]}
 
     def measure(self, reps: int = 5) -> None:
         """Time every way once more (reps calls, median), under the conditions of this moment."""
         for name, (rows, w) in self.ways.items():
             self.gbs[name].append(self._gbs(lambda: F.linear(self.x[rows], w), w.numel() * w.element_size(), reps))
+        for name, (rows, w, parts) in self.split.items():
+            x = self.x[rows]
+            fn = lambda: [f.result() for f in [self.pool.submit(F.linear, x, part) for part in parts]]  # noqa: E731
+            self.gbs[name].append(self._gbs(fn, w.numel() * w.element_size(), reps))
         for name, (rows, w, packed) in self.packed.items():
             fn = lambda: torch.ops.mkl._mkl_linear(self.x[rows], packed, w, None, 1)  # noqa: E731
             self.gbs[name].append(self._gbs(fn, w.numel() * w.element_size(), reps))
@@ -135,6 +149,9 @@ class MatvecBandwidth:
         return nbytes / statistics.median(times) / 1e9
 
     def medians(self) -> dict[str, float]:
+        """Each way's median GB/s; the threads of the split way end here."""
+        if self.pool is not None:
+            self.pool.shutdown()
         return {name: statistics.median(v) for name, v in self.gbs.items()}
 
 
