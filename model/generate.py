@@ -131,8 +131,10 @@ def _prefill(model, tokens, lens, cache, chunk_size):
 # itself after ~30 tokens (gpt2-124M: it takes 0.3-0.5 s, about 1 s with a process's first
 # huge-page faults, and saves ~10 ms a token), so `generate` makes it only when asked for at least
 # DECODE_LAYOUT_MIN_TOKENS new tokens, and uses a still-valid cached copy for any length. Batches of
-# 2 and 4 still gain (MKL then makes about one pass over the weights per row). Not used on a GPU
-# (not measured there), on the fused path, or for batches above DECODE_LAYOUT_MAX_BATCH.
+# 2 and 4 still gain (MKL then makes about one pass over the weights per row). Only in fp32: a
+# bfloat16 product on a CPU (oneDNN, not MKL) runs 6x slower on column-major weights (head 15.7 ->
+# 103 ms). Not used on a GPU (not measured there), on the fused path, or for batches above
+# DECODE_LAYOUT_MAX_BATCH.
 DECODE_LAYOUT_MAX_BATCH = 4
 DECODE_LAYOUT_MIN_TOKENS = 32
 _HUGE_PAGE = 2 << 20  # bytes
@@ -209,7 +211,8 @@ def release_decode_weights(model) -> None:
 def _wants_decode_layout(model, batch_size: int, max_new_tokens: int, decode_layout: bool | None) -> bool:
     if decode_layout is not None:
         return decode_layout
-    if next(model.parameters()).device.type != "cpu" or model.fused or batch_size > DECODE_LAYOUT_MAX_BATCH:
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32 or model.fused or batch_size > DECODE_LAYOUT_MAX_BATCH:
         return False
     return max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS or _cached_decode_weights(model) is not None
 
@@ -388,10 +391,10 @@ def generate(
     Raises ValueError if a prompt plus `max_new_tokens` would not fit the context length (nothing
     is cropped silently). `use_cache=False` re-runs the whole prefix every step (the reference);
     `prefill_chunk_size` runs the prompt through the cache in chunks; `cuda_graph` replays each
-    decode step as one CUDA graph (CUDA and the KV cache; either path). `decode_layout` runs the cached
-    decode on column-major copies of the wide weights (see `decode_weights`): None decides (a CPU,
-    the PyTorch path, batch <= DECODE_LAYOUT_MAX_BATCH, and max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS
-    unless the copies are already cached), True / False force it on / off.
+    decode step as one CUDA graph (CUDA and the KV cache; either path). `decode_layout` runs the
+    cached decode on copies of the weights in the layout a CPU streams fastest (`decode_weights`):
+    None decides (fp32 on a CPU, the PyTorch path, batch <= DECODE_LAYOUT_MAX_BATCH, and
+    max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS unless the copies are cached), True / False force it.
 
     Returns the same kind as `idx`: a (B, T + n) tensor (prompt then new tokens, n <= max_new_tokens),
     or a list of token-id lists (each prompt then its own new tokens, stopping at eos).
