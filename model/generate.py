@@ -140,10 +140,13 @@ DECODE_LAYOUT_MIN_TOKENS = 32
 _HUGE_PAGE = 2 << 20  # bytes
 
 
-def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def huge_page_empty(numel: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """An empty (numel,) CPU tensor that starts on a 2 MB boundary, its pages asked to be huge ones
     (madvise before the first write: the kernel then backs each 2 MB with one page). Where that is
-    not possible (not Linux, transparent huge pages off) the memory is plain, and only slower."""
+    not possible (not Linux, transparent huge pages off) the memory is plain, and only slower; on
+    another device, a plain empty tensor there."""
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
     raw = torch.empty(numel + _HUGE_PAGE // dtype.itemsize, dtype=dtype)  # large: fresh, untouched pages from mmap
     skip = -raw.data_ptr() % _HUGE_PAGE // raw.element_size()  # elements up to the next 2 MB boundary
     buf = raw[skip : skip + numel]
@@ -158,8 +161,8 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _decode_linears(model) -> dict[str, nn.Linear]:
-    # Plain Linears only (a LoRA-wrapped one, model/lora.py, computes its own effective weight), in the
-    # order a step reads them: the modules' registration order (blocks in turn, then the head).
+    # Every nn.Linear (a LoRA wrapper, model/lora.py, is not one, but its base is: the adapter then
+    # adds its delta to the copy), in the order a step reads them: the modules' registration order.
     return {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
 
 
@@ -173,11 +176,11 @@ def decode_weights(model) -> dict[str, torch.Tensor]:
         return cached
     release_decode_weights(model)  # the stale copies go before the new ones are made
     weights = {}
-    dtypes = {m.weight.dtype for m in linears.values()}
+    kinds = {(m.weight.dtype, m.weight.device) for m in linears.values()}  # one buffer for each
     with torch.no_grad():
-        for dtype in dtypes:
-            mine = {name: m.weight for name, m in linears.items() if m.weight.dtype == dtype}
-            buf = huge_page_empty(sum(w.numel() for w in mine.values()), dtype)
+        for dtype, device in kinds:
+            mine = {name: m.weight for name, m in linears.items() if (m.weight.dtype, m.weight.device) == (dtype, device)}
+            buf = huge_page_empty(sum(w.numel() for w in mine.values()), dtype, device)
             start = 0
             for name, w in mine.items():
                 out, inp = w.shape

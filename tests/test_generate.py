@@ -182,6 +182,20 @@ def test_decode_weights_are_cached_and_follow_weight_changes():
     assert "_decode_weights" not in vars(m)
 
 
+def test_decode_weights_under_lora_adapters():
+    """A LoRA wrapper is no nn.Linear but its base is: the base gets a copy, the adapter still acts."""
+    from model.lora import apply_lora
+
+    m = apply_lora(make_model(WIDE), rank=2, alpha=4.0, include_head=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:  # the adapters: B starts at zero, make the update non-zero
+                p.normal_(0.0, 0.5)
+    assert "blocks.0.attn.qkv.base.weight" in decode_weights(m)
+    prompts = [[5, 17, 3, 88], [64]]
+    assert generate(m, prompts, 12, decode_layout=True) == generate(m, prompts, 12, use_cache=False)
+
+
 def test_decode_layout_is_automatic_on_a_cpu_for_small_batches_and_long_enough_runs():
     m = make_model(WIDE)
     n = DECODE_LAYOUT_MIN_TOKENS
