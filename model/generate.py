@@ -15,9 +15,12 @@ position lens[b]. Each prompt therefore gets exactly the tokens it would get alo
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Iterator
 
 import torch
+import torch.nn as nn
 
 from model.kv_cache import KVCaches
 
@@ -89,16 +92,132 @@ def _prefill(model, tokens, lens, cache, chunk_size):
     logits (B, V) at each sequence's own last real token, lens[b] - 1. In chunks of `chunk_size`
     tokens if given: the same result, with the activations of one chunk alive at a time."""
     T = tokens.shape[1]
-    rows = torch.arange(tokens.shape[0], device=tokens.device)  # (B,)
+    # The head runs on one position per sequence (logits_at): the other T - 1 rows' logits are not needed.
     if chunk_size is None or chunk_size >= T:
-        return model(tokens, cache=cache, input_pos=0)[rows, lens - 1]  # (B, V)
+        return model(tokens, cache=cache, input_pos=0, logits_at=lens - 1)[:, 0]  # (B, V)
     last = None
     for s in range(0, T, chunk_size):
-        logits = model(tokens[:, s : s + chunk_size], cache=cache, input_pos=s)  # (B, c, V)
-        mine = (lens - 1 >= s) & (lens - 1 < s + logits.shape[1])  # (B,): last token in this chunk
-        picked = logits[rows, (lens - 1 - s).clamp(0, logits.shape[1] - 1)]  # (B, V)
+        chunk = tokens[:, s : s + chunk_size]  # (B, c)
+        at = (lens - 1 - s).clamp(0, chunk.shape[1] - 1)  # (B,): the last real token, if in this chunk
+        picked = model(chunk, cache=cache, input_pos=s, logits_at=at)[:, 0]  # (B, V)
+        mine = (lens - 1 >= s) & (lens - 1 < s + chunk.shape[1])  # (B,): last token in this chunk
         last = picked if last is None else torch.where(mine[:, None], picked, last)  # (B, V)
     return last
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-ready weights: the layout a CPU streams fastest at batch 1
+# ----------------------------------------------------------------------------------------------
+# At batch 1 a decode step is a chain of matrix-vector products: every weight is read once per token
+# for 2 FLOPs per 4 bytes (fp32), so a step lasts about (weight bytes) / (the bandwidth the products
+# reach). On a CPU that bandwidth depends on how the weights sit in memory, in two ways (measured at
+# M = 1, fp32, one thread, on a 2-core EPYC with AVX2 and MKL 2024.2):
+#   * Layout. x W^T with W (out, in) row-major, as nn.Linear keeps it, runs as an "NT" gemm; with W
+#     column-major (W^T contiguous, shape (in, out)) as an "NN" gemm, and when out > in the latter
+#     streams much faster. GB/s row-major -> column-major: LM head 50257 x 768 10.5 -> 18.5,
+#     mlp.fc 3072 x 768 14.0 -> 21.2, attn.qkv 2304 x 768 21.8 -> 26.8; mlp.proj 768 x 3072 (out < in)
+#     goes the other way (18.1 -> 15.7) and stays row-major, the square attn.out_proj is the same.
+#   * Pages. 494 MB streamed through 4 KB pages is 120k pages, each a TLB miss and a restart of the
+#     hardware prefetcher (which stops at a page boundary). In 2 MB pages (Linux's transparent huge
+#     pages, which a program asks for with madvise) the twelve blocks' linears take 20.7 ms a token
+#     instead of 24.1, the head 7.4 ms instead of 8.2.
+# So decoding runs every plain Linear on a copy of its weight, in its faster layout, all of them in
+# one buffer of huge pages in the order a step reads them. The same numbers, summed in another order:
+# the logits agree to fp32 rounding. The cost: the weights once more in memory (gpt2-124M: +494 MB,
+# the tied head's transpose included) and the time to copy them, made on first use and cached on
+# the model, rebuilt when a weight changes (its data_ptr or version counter moves: an optimizer step,
+# load_state_dict, `.to()`; a write through `.data` moves neither, so call
+# `release_decode_weights(model)` after one; that call also frees the memory). The copy pays for
+# itself after ~30 tokens (gpt2-124M: it takes 0.3-0.5 s, about 1 s with a process's first
+# huge-page faults, and saves ~10 ms a token), so `generate` makes it only when asked for at least
+# DECODE_LAYOUT_MIN_TOKENS new tokens, and uses a still-valid cached copy for any length. Batches of
+# 2 and 4 still gain (MKL then makes about one pass over the weights per row). Only in fp32: a
+# bfloat16 product on a CPU (oneDNN, not MKL) runs 6x slower on column-major weights (head 15.7 ->
+# 103 ms). Not used on a GPU (not measured there), on the fused path, or for batches above
+# DECODE_LAYOUT_MAX_BATCH.
+DECODE_LAYOUT_MAX_BATCH = 4
+DECODE_LAYOUT_MIN_TOKENS = 32
+_HUGE_PAGE = 2 << 20  # bytes
+
+
+def huge_page_empty(numel: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """An empty (numel,) CPU tensor that starts on a 2 MB boundary, its pages asked to be huge ones
+    (madvise before the first write: the kernel then backs each 2 MB with one page). Where that is
+    not possible (not Linux, transparent huge pages off) the memory is plain, and only slower; on
+    another device, a plain empty tensor there."""
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    raw = torch.empty(numel + _HUGE_PAGE // dtype.itemsize, dtype=dtype)  # large: fresh, untouched pages from mmap
+    skip = -raw.data_ptr() % _HUGE_PAGE // raw.element_size()  # elements up to the next 2 MB boundary
+    buf = raw[skip : skip + numel]
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            length = -(-numel * buf.element_size() // _HUGE_PAGE) * _HUGE_PAGE
+            libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            pass
+    return buf
+
+
+def _decode_linears(model) -> dict[str, nn.Linear]:
+    # Every nn.Linear (a LoRA wrapper, model/lora.py, is not one, but its base is: the adapter then
+    # adds its delta to the copy), in the order a step reads them: the modules' registration order.
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+
+
+def decode_weights(model) -> dict[str, torch.Tensor]:
+    """{parameter name: copy} of every plain Linear's weight in the layout it streams fastest at batch 1
+    on a CPU (column-major when out > in; see above), for `torch.func.functional_call`. Built on first
+    use, then cached on the model until one of those weights changes."""
+    linears = _decode_linears(model)
+    cached = _cached_decode_weights(model, linears)
+    if cached is not None:
+        return cached
+    release_decode_weights(model)  # the stale copies go before the new ones are made
+    weights = {}
+    kinds = {(m.weight.dtype, m.weight.device) for m in linears.values()}  # one buffer for each
+    with torch.no_grad():
+        for dtype, device in kinds:
+            mine = {name: m.weight for name, m in linears.items() if (m.weight.dtype, m.weight.device) == (dtype, device)}
+            buf = huge_page_empty(sum(w.numel() for w in mine.values()), dtype, device)
+            start = 0
+            for name, w in mine.items():
+                out, inp = w.shape
+                seg = buf[start : start + w.numel()]
+                start += w.numel()
+                if out > inp:  # W^T written contiguously (PyTorch's blocked transposing copy), read as W
+                    weights[f"{name}.weight"] = seg.view(inp, out).copy_(w.t()).t()  # (out, in), column-major
+                else:
+                    weights[f"{name}.weight"] = seg.view(out, inp).copy_(w)  # (out, in), row-major
+    model.__dict__["_decode_weights"] = (_decode_key(linears), weights)  # a plain attribute: not in state_dict
+    return weights
+
+
+def _decode_key(linears) -> tuple:
+    # What changes when a weight does: its storage (data_ptr) or its in-place version counter.
+    return tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for name, m in linears.items())
+
+
+def _cached_decode_weights(model, linears=None) -> dict[str, torch.Tensor] | None:
+    cached = model.__dict__.get("_decode_weights")
+    if cached is None or cached[0] != _decode_key(_decode_linears(model) if linears is None else linears):
+        return None
+    return cached[1]
+
+
+def release_decode_weights(model) -> None:
+    """Drop the cached decode copies (their memory); the next decode builds them again."""
+    model.__dict__.pop("_decode_weights", None)
+
+
+def _wants_decode_layout(model, batch_size: int, max_new_tokens: int, decode_layout: bool | None) -> bool:
+    if decode_layout is not None:
+        return decode_layout
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32 or model.fused or batch_size > DECODE_LAYOUT_MAX_BATCH:
+        return False
+    return max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS or _cached_decode_weights(model) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +237,7 @@ def stream_generate(
     pad_id: int | None = None,
     prefill_chunk_size: int | None = None,
     cuda_graph: bool = False,
+    decode_layout: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence, (B,) long, as soon as it is chosen.
 
@@ -147,8 +267,11 @@ def stream_generate(
         raise ValueError(
             f"cuda_graph needs a CUDA device and the KV cache; got device={device.type}, use_cache={use_cache}"
         )
+    if decode_layout is not None and not isinstance(decode_layout, bool):
+        raise ValueError(f"decode_layout must be True, False or None (automatic), got {decode_layout!r}")
+    decode_layout = use_cache and not cuda_graph and _wants_decode_layout(model, tokens.shape[0], max_new_tokens, decode_layout)
     return _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad,
-                  use_cache, generator, prefill_chunk_size, cuda_graph)
+                  use_cache, generator, prefill_chunk_size, cuda_graph, decode_layout)
 
 
 class _GraphedDecodeStep:
@@ -187,9 +310,15 @@ class _GraphedDecodeStep:
 
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions and views)
 def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_id, pad, use_cache,
-           generator, prefill_chunk_size, cuda_graph):
+           generator, prefill_chunk_size, cuda_graph, decode_layout):
     if max_new_tokens == 0:
         return
+    decode = model
+    if decode_layout:
+        weights = decode_weights(model)
+
+        def decode(*args, **kwargs):  # the model, on the decode-ready weights
+            return torch.func.functional_call(model, weights, args, kwargs, tie_weights=False, strict=False)
     B, longest = tokens.shape
     device = tokens.device
     was_training = model.training
@@ -207,7 +336,7 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
         int_pos = not cuda_graph and not model.fused and bool((lens == longest).all())
         if use_cache:
             cache = KVCaches.for_model(model, B, max_len=longest + max_new_tokens)
-            last = _prefill(model, tokens, lens, cache, prefill_chunk_size)  # (B, V): own last real token
+            last = _prefill(decode, tokens, lens, cache, prefill_chunk_size)  # (B, V): own last real token
         for step in range(max_new_tokens):
             if not use_cache:
                 # The plain loop: the whole prefix again; causal attention keeps each row's pads
@@ -231,7 +360,7 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
             elif use_cache:
                 # Decode: the one new token per sequence, at its own position lens[b].
                 pos = longest + step if int_pos else lens
-                last = model(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
+                last = decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
             else:
                 buf[rows, lens] = nxt
             lens = lens + 1
@@ -253,6 +382,7 @@ def generate(
     pad_id: int | None = None,
     prefill_chunk_size: int | None = None,
     cuda_graph: bool = False,
+    decode_layout: bool | None = None,
 ):
     """Continue each prompt by up to `max_new_tokens` tokens.
 
@@ -264,7 +394,10 @@ def generate(
     Raises ValueError if a prompt plus `max_new_tokens` would not fit the context length (nothing
     is cropped silently). `use_cache=False` re-runs the whole prefix every step (the reference);
     `prefill_chunk_size` runs the prompt through the cache in chunks; `cuda_graph` replays each
-    decode step as one CUDA graph (CUDA and the KV cache; either path).
+    decode step as one CUDA graph (CUDA and the KV cache; either path). `decode_layout` runs the
+    cached decode on copies of the weights in the layout a CPU streams fastest (`decode_weights`):
+    None decides (fp32 on a CPU, the PyTorch path, batch <= DECODE_LAYOUT_MAX_BATCH, and
+    max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS unless the copies are cached), True / False force it.
 
     Returns the same kind as `idx`: a (B, T + n) tensor (prompt then new tokens, n <= max_new_tokens),
     or a list of token-id lists (each prompt then its own new tokens, stopping at eos).
@@ -273,7 +406,7 @@ def generate(
         stream_generate(
             model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_id=eos_id, use_cache=use_cache, seed=seed, generator=generator, pad_id=pad_id,
-            prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph,
+            prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph, decode_layout=decode_layout,
         )
     )
     if isinstance(idx, torch.Tensor):

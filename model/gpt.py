@@ -185,9 +185,12 @@ class GPTModel(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, cache=None, input_pos=None, *, targets=None, ignore_index: int = -100):
+    def forward(self, idx: torch.Tensor, cache=None, input_pos=None, *, targets=None, ignore_index: int = -100,
+                logits_at=None):
         """Logits (B, T, V) for token ids idx (B, T); with `targets` (B, T), the mean next-token loss
-        instead (see `head_loss`: on the fused path the logits are then never materialized).
+        instead (see `head_loss`: on the fused path the logits are then never materialized). With
+        `logits_at` (B,) positions in [0, T), only those: (B, 1, V), row b at its position logits_at[b]
+        (generation needs the last prompt token's alone; the head over all T would cost T times more).
 
         With a KV cache (`model.kv_cache.KVCaches`), idx holds the tokens that follow what the cache
         already holds: they sit at positions input_pos + t, where input_pos is an int (every
@@ -219,7 +222,9 @@ class GPTModel(nn.Module):
         x = self.final_norm(x, self.ops)  # (B, T, C)
         if targets is not None:
             return self.head_loss(x, targets, ignore_index)  # scalar
-        return self.out_head(x)  # (B, T, V)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
+        return self.out_head(x)  # (B, T, V), or (B, 1, V)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of given logits (B, T, V) against targets (B, T). To train

@@ -1,5 +1,6 @@
 """Generation: the KV cache against full forwards, sampling, eos, batching, limits, and the CLI."""
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from accuracy import seeded
+from accuracy import assert_close_to_reference, seeded
 from model import GPTConfig, GPTModel, generate, stream_generate
-from model.generate import sample_next
+from model.generate import DECODE_LAYOUT_MAX_BATCH, DECODE_LAYOUT_MIN_TOKENS, decode_weights, release_decode_weights, sample_next
 from model.kv_cache import KVCaches
 from model.ops import TorchOps
 from model.weights import save_pretrained
@@ -114,6 +115,105 @@ def test_generate_restores_training_mode_and_leaves_no_grad():
     generate(m, [[1, 2]], 3)
     assert m.training
     assert all(p.grad is None for p in m.parameters())
+
+
+@torch.no_grad()
+def test_logits_at_picks_rows_of_the_full_forward():
+    m = make_model()
+    idx = torch.randint(0, 97, (3, 9))
+    at = torch.tensor([8, 0, 5])
+    picked = m(idx, logits_at=at)  # (3, 1, V)
+    assert picked.shape == (3, 1, 97)
+    # (to fp32 rounding: BLAS may sum a 3-row product in another order than a 27-row one)
+    torch.testing.assert_close(picked[:, 0], m(idx)[torch.arange(3), at], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-ready weights: column-major copies of the wide Linears (batch-1 decode on a CPU)
+# ----------------------------------------------------------------------------------------------
+# Wider than SMALL, so that the sums of the products have some length to round over.
+WIDE = GPTConfig(vocab_size=501, context_length=48, emb_dim=96, n_heads=4, n_layers=2, qkv_bias=True, tie_weights=True)
+
+
+@torch.no_grad()
+def test_decode_weights_give_the_logits_to_fp32_rounding():
+    """Prefill + decode on the decode copies: against float64, within 2x the plain weights' fp32 error."""
+    m = make_model(WIDE)
+    exact = copy.deepcopy(m).double()
+    weights = decode_weights(m)
+    # Every Linear, the (tied) head included: column-major when out > in (head, qkv, mlp.fc), else as is.
+    assert sorted(weights) == sorted(["out_head.weight"] + [f"blocks.{i}.{n}.weight" for i in range(2)
+                                                              for n in ("attn.qkv", "attn.out_proj", "mlp.fc", "mlp.proj")])
+    for name, w in weights.items():
+        p = m.get_parameter(name)
+        out, inp = p.shape
+        assert torch.equal(w, p) and w.stride() == ((1, out) if out > inp else (inp, 1)), name  # same numbers
+    idx = torch.randint(0, 501, (1, 12))
+
+    def run(model, params=None):
+        call = model if params is None else lambda *a, **k: torch.func.functional_call(model, params, a, k, tie_weights=False)
+        cache = KVCaches.for_model(model, 1, 12)
+        parts = [call(idx[:, :5], cache=cache, input_pos=0)]
+        parts += [call(idx[:, t : t + 1], cache=cache, input_pos=t) for t in range(5, 12)]
+        return torch.cat(parts, dim=1)  # (1, 12, V)
+
+    want = run(exact)
+    assert_close_to_reference("decode-layout logits", run(m, weights), want, run(m), atol=None)
+    # and greedy picks the same tokens as the plain weights, alone and in a small batch
+    prompts = [[5, 17, 3, 88], [64], [11, 30, 30, 7, 200]]
+    assert generate(m, prompts, 12, decode_layout=True) == generate(m, prompts, 12, decode_layout=False)
+
+
+def test_decode_weights_are_cached_and_follow_weight_changes():
+    m = make_model(WIDE)
+    w = decode_weights(m)
+    assert decode_weights(m) is w  # cached: built once
+    before = generate(m, [[3, 1, 4]], 8)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    m(torch.randint(0, 501, (2, 8)), targets=torch.randint(0, 501, (2, 8))).backward()
+    opt.step()  # in place: the version counters move, so the copies are stale
+    w2 = decode_weights(m)
+    assert w2 is not w and torch.equal(w2["out_head.weight"], m.out_head.weight)
+    after = generate(m, [[3, 1, 4]], 8)
+    assert after == generate(m, [[3, 1, 4]], 8, decode_layout=False) and after != before
+    m.load_state_dict(make_model(WIDE, seed=1).state_dict())  # copies in place too
+    assert torch.equal(decode_weights(m)["blocks.0.mlp.fc.weight"], m.blocks[0].mlp.fc.weight)
+    release_decode_weights(m)
+    assert "_decode_weights" not in vars(m)
+
+
+def test_decode_weights_under_lora_adapters():
+    """A LoRA wrapper is no nn.Linear but its base is: the base gets a copy, the adapter still acts."""
+    from model.lora import apply_lora
+
+    m = apply_lora(make_model(WIDE), rank=2, alpha=4.0, include_head=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:  # the adapters: B starts at zero, make the update non-zero
+                p.normal_(0.0, 0.5)
+    assert "blocks.0.attn.qkv.base.weight" in decode_weights(m)
+    prompts = [[5, 17, 3, 88], [64]]
+    assert generate(m, prompts, 12, decode_layout=True) == generate(m, prompts, 12, use_cache=False)
+
+
+def test_decode_layout_is_automatic_on_a_cpu_for_small_batches_and_long_enough_runs():
+    m = make_model(WIDE)
+    n = DECODE_LAYOUT_MIN_TOKENS
+    generate(m, [[1]] * (DECODE_LAYOUT_MAX_BATCH + 1), n)
+    assert "_decode_weights" not in vars(m)  # a large batch: the products are no longer matrix-vector
+    generate(m, [[1, 2]], n, use_cache=False)
+    assert "_decode_weights" not in vars(m)  # no cache, no decode steps
+    generate(m, [[1, 2]], n - 1)
+    assert "_decode_weights" not in vars(m)  # too few tokens to pay for the copy
+    half = make_model(WIDE).to(torch.bfloat16)
+    generate(half, [[1, 2]], n)
+    assert "_decode_weights" not in vars(half)  # bfloat16 streams slower column-major on a CPU
+    generate(m, [[1, 2]], n)
+    w = vars(m)["_decode_weights"]
+    generate(m, [[1, 2]], 2)
+    assert vars(m)["_decode_weights"] is w  # once made (and valid), used at any length
+    with pytest.raises(ValueError, match="decode_layout"):
+        generate(m, [[1, 2]], 2, decode_layout="yes")
 
 
 # ----------------------------------------------------------------------------------------------
