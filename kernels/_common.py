@@ -181,7 +181,9 @@ class _NumpyMemory:
         if lo == 0 or lo % item:
             return None
         raw = (ctypes.c_char * (hi - lo + item)).from_address(lo)
-        return (ptrs - np.uint64(lo)) >> np.uint64(item.bit_length() - 1), np.frombuffer(raw, np.uint8).view(dtype)
+        index = (ptrs - np.uint64(lo)) >> np.uint64(item.bit_length() - 1)
+        # As intp (the same bits: an index is below 2^63): NumPy indexes 4x faster with its own type.
+        return index.view(np.intp), np.frombuffer(raw, np.uint8).view(dtype)
 
     def load(self, ptrs, mask, other, dtype):
         mask = np.broadcast_to(mask, ptrs.shape)
@@ -191,9 +193,9 @@ class _NumpyMemory:
             return self._native.load(ptrs, mask, other, dtype)
         index, memory = window
         if full:
-            return memory[index]
+            return np.take(memory, index)
         out = np.array(np.broadcast_to(other, ptrs.shape), dtype=dtype)
-        out[mask] = memory[index]
+        out[mask] = np.take(memory, index)
         return out
 
     def store(self, ptrs, value, mask):
