@@ -14,6 +14,9 @@ numbers (greedy decoding then picks the same tokens, which the bench checks: the
 The two are timed in interleaved pairs (ours, HF, ours, HF, ...; 7 pairs) and compared by their
 medians: on a shared or throttling machine both see the same conditions. extra_info["vs_hf"] is
 HF's median time over ours (> 1: we are faster); "load_avg" is the 1-minute load when the pairs ended.
+For the training step on a CPU, "matmul_share" is the part of our step's op time spent in matrix
+multiplies (torch.profiler, one step) and "best_possible_vs_hf" HF's step over our step's matmul
+time: the ratio ours would reach if everything else took no time, since both run the same GEMMs.
 
 The bound: at batch 1 each decode step streams every weight from memory once (494 MB in fp32 at
 this size: all parameters but the position table, of which one row is read), so tokens/s can be
@@ -197,13 +200,36 @@ def test_train_step_vs_hf(benchmark, models, device):
     if not quick:
         ours_step(), hf_step()  # allocate the optimizers' state, untimed
     s_ours, s_hf = interleaved(ours_step, hf_step, 1 if quick else PAIRS, device, benchmark)
+    # How fast ours could be at all: both models run the same matrix multiplies (the same FLOPs, the
+    # same BLAS), so even if everything else in our step took no time, ours would take its matmuls'
+    # time. HF's step over that is the most this comparison can show (Amdahl); on a CPU only (the
+    # profiler's CPU times are a GPU's launch costs, not its work).
+    bound = {}
+    if not cuda:
+        mm_ours, all_ours = matmul_seconds(ours_step)
+        mm_hf, all_hf = matmul_seconds(hf_step)
+        bound = {"matmul_share": sig(mm_ours / all_ours), "hf_matmul_share": sig(mm_hf / all_hf),
+                 "best_possible_vs_hf": sig(s_hf / (s_ours * mm_ours / all_ours))}
     benchmark.group = f"vs Hugging Face: train {PRESET}"
     benchmark.extra_info.update({
         "bench": "train_vs_hf", "model": PRESET, "tie_weights": True, "qkv_bias": True, "batch": B, "seq_len": T,
         "dtype": "bf16 autocast" if cuda else "fp32", "quick": quick, "pairs": 1 if quick else PAIRS,
-        "step_ms": sig(s_ours * 1e3), "hf_step_ms": sig(s_hf * 1e3), "vs_hf": sig(s_hf / s_ours),
+        "step_ms": sig(s_ours * 1e3), "hf_step_ms": sig(s_hf * 1e3), "vs_hf": sig(s_hf / s_ours), **bound,
         "transformers": transformers.__version__, **_machine(device),
     })
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_seconds(step) -> tuple[float, float]:
+    """(CPU seconds in matrix multiplies, CPU seconds in all ops) of one call of step, from
+    torch.profiler's self times."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6, total / 1e6
 
 
 def test_decode_vs_hf_and_bandwidth_bound(benchmark, models, device):
