@@ -75,7 +75,8 @@ class InstructJob:
 
     def sample(self, model, device):
         """The book's check during training: the response to the first validation entry."""
-        return generate_responses(model, self.splits["val"][:1], max_new_tokens=35)[0]
+        # The weights change between samples: decode-ready copies would be remade (and held) each time.
+        return generate_responses(model, self.splits["val"][:1], max_new_tokens=35, decode_layout=False)[0]
 
     def describe(self) -> str:
         lens = [len(it.ids) for it in self.items["train"]]
@@ -92,10 +93,10 @@ class InstructJob:
 
 @torch.no_grad()
 def generate_responses(model, entries: list[dict], max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8,
-                       progress: bool = False) -> list[str]:
+                       progress: bool = False, decode_layout: bool | None = None) -> list[str]:
     """Each entry's response: greedy decoding with the KV cache after its prompt, stopping at
     <|endoftext|> (at most max_new_tokens, and what the context length leaves), the prompt stripped.
-    A prompt longer than the context keeps its last tokens."""
+    A prompt longer than the context keeps its last tokens. decode_layout: `generate`'s."""
     from tqdm.auto import tqdm
 
     from model.generate import generate
@@ -111,7 +112,7 @@ def generate_responses(model, entries: list[dict], max_new_tokens: int = MAX_NEW
         chunk = order[s : s + batch_size]
         ids = [prompts[i] for i in chunk]
         n = min(max_new_tokens, ctx - max(len(p) for p in ids))
-        seqs = generate(model, ids, n, temperature=0.0, eos_id=eot)  # lists: each prompt + its new tokens
+        seqs = generate(model, ids, n, temperature=0.0, eos_id=eot, decode_layout=decode_layout)  # lists
         for i, p, seq in zip(chunk, ids, seqs):
             new = seq[len(p):]
             if new and new[-1] == eot:

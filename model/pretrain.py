@@ -116,8 +116,10 @@ def sample_text(model: GPTModel, prompt: str, max_new_tokens: int, device, *, te
     top_k = top_k if temperature > 0 else None
     gen = torch.Generator(device=device).manual_seed(seed)
     if len(ids) + max_new_tokens <= ctx:  # the usual case: the KV cache
+        # decode_layout=False: the weights change between samples, so decode-ready copies would be
+        # remade (and held in memory) at every one.
         out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                       top_k=top_k, generator=gen)  # (1, len + n)
+                       top_k=top_k, generator=gen, decode_layout=False)  # (1, len + n)
         return decode(out[0])
     # Longer than the context (a short --context-length): the book's chapter 4 loop, each step on the
     # last `ctx` tokens only.

@@ -424,3 +424,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         main(["--checkpoint", str(tmp_path / "broken.pt")])
+
+
+def test_training_samples_make_no_decode_copies():
+    """The weights change between a training run's samples: copies made for one would be stale at the
+    next and held in memory meanwhile, so the training loop's samples decode on the weights as they are."""
+    from model.pretrain import sample_text
+
+    m = make_model(GPTConfig(context_length=48, emb_dim=32, n_heads=2, n_layers=1, tie_weights=True))
+    sample_text(m, "Every effort moves you", DECODE_LAYOUT_MIN_TOKENS, torch.device("cpu"))
+    assert "_decode_weights" not in vars(m)
+    generate(m, [[1, 2]], DECODE_LAYOUT_MIN_TOKENS)  # the same model outside training: copies made
+    assert "_decode_weights" in vars(m)
