@@ -139,9 +139,10 @@ def _patch_helper_calls_once() -> None:
 
 
 # And one cost that is not the interpreter's own but lands on it: its tl.dot is NumPy's matmul, on
-# tiles of a few hundred rows, one program after another. NumPy's BLAS (OpenBLAS) wakes its threads for every product, and on a busy CPU, or next to
-# torch's own OpenMP threads in a training step, each wake-up costs milliseconds: a 128 x 32 by
-# 32 x 128 product measured 15.7 ms with OpenBLAS's 2 threads and 0.057 ms with one (2 cores, load 2).
+# tiles of a few hundred rows, one program after another. NumPy's BLAS (OpenBLAS) wakes its threads
+# for every product, and on a busy CPU, or next to torch's own OpenMP threads in a training step, each
+# wake-up costs milliseconds: a 128 x 32 by 32 x 128 product measured 15.7 ms with OpenBLAS's 2
+# threads and 0.057 ms with one (2 cores, load 2).
 # Nothing runs beside a program in the interpreter, so one thread loses nothing. Only NumPy's BLAS
 # is limited (torch's matmuls keep their threads: its MKL is its own).
 def _numpy_blas_on_one_thread() -> None:
