@@ -22,7 +22,7 @@ The bound: at batch 1 each decode step streams every weight from memory once (49
 this size: all parameters but the position table, of which one row is read), so tokens/s can be
 at most (matrix-vector bandwidth) / (weight bytes). The bandwidth is the best of several ways of
 storing one 256 MiB matrix (`MatvecBandwidth`: row- or column-major, square or tall, 4 KB or 2 MB
-pages, MKL's packed format), each measured in every pair (median taken), with a matrix-vector
+pages, MKL's packed format, split by rows across torch's threads), each measured in every pair (median taken), with a matrix-vector
 product, the op a decode step streams its weights with; "of_bound" is the decode's tokens/s as a
 fraction of that bound, "matvec_gbs_by_way" every way's figure. "plain_layout_tokens_per_s" is our
 decode on the weights as nn.Linear keeps them (`decode_layout=False`), timed in the same pairs.
@@ -165,12 +165,13 @@ def streamed_bytes(model: GPTModel) -> int:
     return total - model.pos_emb.weight.numel() * model.pos_emb.weight.element_size()
 
 
+def _load_avg() -> float | None:
+    """The 1-minute load average, where the system has one."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _machine(device) -> dict:
-    return {
-        "device": device_name(device),
-        "threads": torch.get_num_threads(),
-        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
+    return {"device": device_name(device), "threads": torch.get_num_threads(), "load_avg": _load_avg()}
 
 
 def test_train_step_vs_hf(benchmark, models, device):
@@ -254,7 +255,7 @@ def test_decode_vs_hf_and_bandwidth_bound(benchmark, models, device):
 
     if not quick:
         run_ours(), run_hf()  # first calls: allocator, lazy initialisation, the decode copies
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = _load_avg()
     bandwidth = MatvecBandwidth(device, dtype, mib=16 if quick else 256)
     plain = []  # seconds of run_plain, one per pair
 

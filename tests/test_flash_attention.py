@@ -323,4 +323,3 @@ def test_torch_compile_with_dropout():
     want = forward_backward(fn, (q, k, v), do)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
