@@ -57,7 +57,7 @@ if INTERPRET and _TRITON_BEFORE_US:
 
 
 # ----------------------------------------------------------------------------------------------
-# Four pieces of the interpreter's own work that cost time and change no result (none touches a
+# Five pieces of the interpreter's own work that cost time and change no result (none touches a
 # kernel; a GPU build never sees them).
 # 1. A call to a @triton.jit helper. Triton 3.9's interpreter re-patches
 # triton.language for *every* call of a helper from inside a kernel (an `inspect.getmembers` walk over
@@ -222,10 +222,74 @@ def _numpy_loads_and_stores() -> None:
         _interp._interpreter = _NumpyMemory(native)
 
 
+# 5. The frontend's bookkeeping per tile value. Every tl.* call makes new `tl.tensor` and
+# `tl.block_type` objects, and their constructors re-derive the same facts each time: a tensor
+# rebuilds its shape (a Triton tuple of constexprs, whose constructor types every element) and its
+# element count from its type; a block type unwraps, re-validates and re-types a shape of plain
+# ints. In attention, where tiles are small and calls many, that is about a fifth of a launch. Now a
+# tensor takes both from its type, derived once per type object, and a block type given plain ints
+# takes its shape, count and name from a table keyed by those ints. Anything else takes the
+# original path, and the originals stay if they build anything different from these (another Triton).
+def _lighter_tensor_objects() -> None:
+    import math
+
+    import triton.language.core as core
+
+    tensor_init, block_init, constexpr = core.tensor.__init__, core.block_type.__init__, core.constexpr
+    if getattr(tensor_init, "_once", False):
+        return
+    shapes = {}  # shape as plain ints -> (Triton tuple, numel, name part, what a tensor of it holds)
+
+    def for_tensors(shape):  # (shape as constexprs, numel as a constexpr), as the original computes them
+        return core.tuple([constexpr(d) for d in shape]), constexpr(math.prod(shape))
+
+    def tensor_init_once(self, handle, type):
+        self.handle, self.type = handle, type
+        try:
+            self.shape, self.numel = type.__dict__["_for_tensors"]
+        except KeyError:
+            type._for_tensors = self.shape, self.numel = for_tensors(type.shape if type.is_block() else ())
+        self.dtype = type.scalar
+
+    def block_init_once(self, element_ty, shape):
+        if shape.__class__ is not list and not isinstance(shape, core.tuple):
+            return block_init(self, element_ty, shape)  # what the original accepts, or its error
+        try:
+            key = tuple(d.value if d.__class__ is constexpr else d for d in shape)
+            tl_shape, numel, text, tensors = shapes[key]
+        except (KeyError, TypeError):
+            block_init(self, element_ty, shape)  # the original validates it
+            if not all(d.__class__ is int for d in self.shape):
+                return
+            key = tuple(self.shape)
+            shapes[key] = tl_shape, numel, text, tensors = self.shape, self.numel, str(self.shape), for_tensors(key)
+        self.element_ty, self.shape, self.numel = element_ty, tl_shape, numel
+        self.name = f"<{text}, {element_ty}>"
+        self._for_tensors = tensors
+
+    def same(a, b):
+        a, b = ({k: v for k, v in vars(x).items() if k != "_for_tensors"} for x in (a, b))
+        return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and repr(a[k]) == repr(b[k]) for k in a)
+
+    # Keep the originals unless these build the same objects (another Triton: its own constructors).
+    want_ty = core.block_type(core.float32, [2, 4])
+    want = core.tensor(None, want_ty)
+    got_ty, got = core.block_type.__new__(core.block_type), core.tensor.__new__(core.tensor)
+    for _ in range(2):  # the first fills the table, the second reads it
+        block_init_once(got_ty, core.float32, [2, 4])
+    tensor_init_once(got, None, core.block_type(core.float32, [2, 4]))
+    if not (same(got_ty, want_ty) and same(got, want)):
+        return
+    tensor_init_once._once = True
+    tensor_init_once._original, block_init_once._original = tensor_init, block_init  # for the tests
+    core.tensor.__init__, core.block_type.__init__ = tensor_init_once, block_init_once
+
+
 if INTERPRET:
     _patch_helper_calls_once()
     _numpy_loads_and_stores()
     _numpy_blas_on_one_thread()
+    _lighter_tensor_objects()
 
 # Dtypes every kernel accepts. Loads are cast to fp32 before arithmetic (the interpreter cannot do
 # bf16 math, and fp32 accumulation is what makes the results accurate); stores cast back.

@@ -193,9 +193,10 @@ def _dkdv_query_start(start_n: int, Tq: int, Tk: int, BLOCK_M: int, causal: bool
 
 
 def memory_traffic(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, dtype_bytes: int,
-                   BLOCK_M: int, BLOCK_N: int, causal: bool = True) -> dict:
+                   BLOCK_M: int, BLOCK_N: int, causal: bool = True, fused_dq: bool = False) -> dict:
     """{kernel argument: (bytes read, bytes written)} of one launch of `kernel` ("fwd",
-    "bwd_preprocess", "bwd_dkdv", "bwd_dq"); LSE and DELTA are fp32, the rest dtype_bytes."""
+    "bwd_preprocess", "bwd_dkdv", "bwd_dq"); LSE and DELTA are fp32, the rest dtype_bytes. fused_dq:
+    the dK/dV launch also writes dQ (see fuses_dq), and no "bwd_dq" launch follows."""
     e, f = dtype_bytes, 4
 
     def keys_loaded(m0):  # key rows a query tile loads: every visited tile, cut at Tk
@@ -214,7 +215,8 @@ def memory_traffic(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, dtype_
         q_rows = bh * sum(Tq - _dkdv_query_start(n0, Tq, Tk, BLOCK_M, causal) for n0 in range(0, Tk, BLOCK_N))
         kv = bh * Tk * D * e
         return {"Q": (q_rows * D * e, 0), "K": (kv, 0), "V": (kv, 0), "DO": (q_rows * D * e, 0),
-                "DK": (0, kv), "DV": (0, kv), "LSE": (q_rows * f, 0), "DELTA": (q_rows * f, 0)}
+                "DK": (0, kv), "DV": (0, kv), "LSE": (q_rows * f, 0), "DELTA": (q_rows * f, 0),
+                **({"DQ": (0, q_rows * D * e)} if fused_dq else {})}
     if kernel == "bwd_dq":
         kv = bh * sum(keys_loaded(m0) for m0 in range(0, Tq, BLOCK_M)) * D * e
         q = bh * Tq * D * e
@@ -224,10 +226,10 @@ def memory_traffic(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, dtype_
 
 
 def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, BLOCK_N: int,
-          causal: bool = True) -> int:
+          causal: bool = True, fused_dq: bool = False) -> int:
     """FLOPs of the tl.dots of one launch: per visited tile pair, 2 dots in the forward (q k^T, P v),
-    4 in dK/dV (q k^T, P^T dO, dO v^T, dS^T q), 3 in dQ (q k^T, dO v^T, dS k), each 2 BLOCK_M BLOCK_N
-    BLOCK_D."""
+    4 in dK/dV (q k^T, P^T dO, dO v^T, dS^T q; 5 with fused_dq: + dS k), 3 in dQ (q k^T, dO v^T,
+    dS k), each 2 BLOCK_M BLOCK_N BLOCK_D."""
     tile = 2 * BLOCK_M * BLOCK_N * _block_d(D)
     if kernel == "fwd":
         return B * H * visited_tiles(Tq, Tk, BLOCK_M, BLOCK_N, causal) * 2 * tile
@@ -236,7 +238,7 @@ def flops(kernel: str, B: int, H: int, Tq: int, Tk: int, D: int, BLOCK_M: int, B
     if kernel == "bwd_dkdv":
         n_q = -(-Tq // BLOCK_M)
         pairs = sum(n_q - _dkdv_query_start(n0, Tq, Tk, BLOCK_M, causal) // BLOCK_M for n0 in range(0, Tk, BLOCK_N))
-        return B * H * pairs * 4 * tile
+        return B * H * pairs * (5 if fused_dq else 4) * tile
     if kernel == "bwd_dq":
         return B * H * visited_tiles(Tq, Tk, BLOCK_M, BLOCK_N, causal) * 3 * tile
     raise ValueError(f"unknown kernel {kernel!r}")
@@ -482,7 +484,11 @@ def _flash_attention_fwd_kernel(
 #      k @ q^T directly, which could round differently (see above).
 #   3. dQ: one program per query tile; it loops over the key tiles it can see and owns its rows of dQ.
 # Splitting dQ from dK/dV costs the recomputation of P twice but makes every output row belong to
-# exactly one program, which is what makes atomics unnecessary.
+# exactly one program, which is what makes atomics unnecessary. The exception: when one key tile holds
+# all Tk keys (FUSED_DQ, see fuses_dq), the dK/dV program of a (batch, head) sees every key of every
+# query row, so it owns dQ as well: it finishes each query tile's dQ = scale dS k as it goes, and the
+# dQ kernel (P rebuilt a second time, another launch) is skipped. In the interpreter, where tiles are
+# as long as the sequence, that is every T <= INTERPRETER_MAX_BLOCK.
 #
 # Attention dropout (HAS_DROPOUT) drops P after the softmax: O = P_d v with P_d = P * Z / (1 - p), Z
 # the kept mask (the forward's l still sums the undropped P). Then dV = P_d^T dO, the gradient
@@ -514,12 +520,12 @@ def _flash_attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, kT, vT,  # dk/dv: (BLOCK_N, BLOCK_D) fp32 accumulators; kT/vT: (BLOCK_D, BLOCK_N) this program's keys
-    Q, DO, LSE, DELTA,  # this (batch, head)'s Q/DO (Tq, D) slices and LSE/DELTA (Tq,) rows
-    stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, lo, hi, Tq, Tk, diag, qk_scale,
+    Q, DO, DQ, LSE, DELTA,  # this (batch, head)'s Q/DO/DQ (Tq, D) slices and LSE/DELTA (Tq,) rows
+    stride_qt, stride_qd, stride_dot, stride_dod, stride_dqt, stride_dqd,
+    offs_n, offs_d, lo, hi, Tq, Tk, diag, qk_scale, sm_scale,
     seed, rng_row0, dropout_p, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -556,26 +562,36 @@ def _bwd_dkdv_inner(
             dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")  # += dS^T q
+        if FUSED_DQ:
+            # -- dQ = scale dS k, final: this program holds every key of these query rows --
+            # The dQ kernel's product, on the same dS (keys past Tk zeroed: their P is never masked
+            # here and may overflow, and inf * a zero key would be NaN).
+            ds = tl.where(offs_n[None, :] < Tk, ds, 0.0)
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision="ieee")
+            tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
     return dk, dv
 
 
 @autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit(do_not_specialize=["seed"])
 def _flash_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,  # Q/DO: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
-    # LSE/DELTA: (B, H, Tq) fp32 contiguous
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA,  # Q/DO/DQ: (B, H, Tq, D), K/V/DK/DV: (B, H, Tk, D), any strides;
+    # LSE/DELTA: (B, H, Tq) fp32 contiguous; DQ is written only with FUSED_DQ
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     Tq, Tk, SEQ_BUCKET, sm_scale,
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(Tk, BLOCK_N), H, B): one program per key tile; it alone writes those rows of dK, dV.
+    # grid: (cdiv(Tk, BLOCK_N), H, B): one program per key tile; it alone writes those rows of dK, dV
+    # (and, with FUSED_DQ, where one key tile covers all Tk keys, every row of dQ).
     start_n = tl.program_id(0) * BLOCK_N
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -585,6 +601,7 @@ def _flash_attention_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     DK += b * stride_dkb + h * stride_dkh
     DV += b * stride_dvb + h * stride_dvh
+    DQ += b * stride_dqb + h * stride_dqh
     LSE += (b * tl.num_programs(1) + h) * Tq
     DELTA += (b * tl.num_programs(1) + h) * Tq
 
@@ -604,18 +621,18 @@ def _flash_attention_bwd_dkdv_kernel(
     # depends only on key j, and rows past Tk are never stored.
     diag = Tk - Tq
     lo, full_lo, full_hi, hi = _query_range(start_n, Tq, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, lo, full_lo, Tq, Tk, diag, qk_scale,
+    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, DQ, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                             stride_dqt, stride_dqd, offs_n, offs_d, lo, full_lo, Tq, Tk, diag, qk_scale, sm_scale,
                              seed, rng_row0, dropout_p, dropout_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
-    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, full_lo, full_hi, Tq, Tk, diag, qk_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT, FUSED_DQ)
+    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, DQ, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                             stride_dqt, stride_dqd, offs_n, offs_d, full_lo, full_hi, Tq, Tk, diag, qk_scale, sm_scale,
                              seed, rng_row0, dropout_p, dropout_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32, HAS_DROPOUT)
-    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, offs_d, full_hi, hi, Tq, Tk, diag, qk_scale,
+                             HEAD_DIM, BLOCK_M, CAUSAL, False, DOT_FP32, HAS_DROPOUT, FUSED_DQ)
+    dk, dv = _bwd_dkdv_inner(dk, dv, kT, vT, Q, DO, DQ, LSE, DELTA, stride_qt, stride_qd, stride_dot, stride_dod,
+                             stride_dqt, stride_dqd, offs_n, offs_d, full_hi, hi, Tq, Tk, diag, qk_scale, sm_scale,
                              seed, rng_row0, dropout_p, dropout_scale,
-                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT)
+                             HEAD_DIM, BLOCK_M, CAUSAL, True, DOT_FP32, HAS_DROPOUT, FUSED_DQ)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -828,6 +845,13 @@ def _launch_preprocess(o, do, delta, block_d: int, interpreter_block_m):
     )
 
 
+def fuses_dq(Tk: int, config) -> bool:
+    """Whether the backward computes dQ inside the dK/dV kernel: when a known configuration's one key
+    tile covers all Tk keys (the interpreter's tiles up to T = INTERPRETER_MAX_BLOCK; an explicit GPU
+    config for short sequences). The autotuner picks BLOCK_N only at launch, so it keeps the dQ kernel."""
+    return config is not None and Tk <= config["BLOCK_N"]
+
+
 def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, dropout_p: float = 0.0,
                              seed: int = 0, grads=None, config=None):
     """Returns (dq, dk, dv), each in its input's shape and dtype. dO may have any strides (it is read
@@ -852,10 +876,13 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float,
     with device_guard(q.device):
         _launch_preprocess(o, do, delta, meta["BLOCK_D"], config["BLOCK_M"] if interpreter else None)
         grid_kv = lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), H, B)  # noqa: E731
-        args = (q, k, v, do, dk, dv, lse, delta,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        fused_dq = fuses_dq(Tk, config)
+        args = (q, k, v, do, dk, dv, dq, lse, delta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dq.stride(),
                 Tq, Tk, bucket, *rng)
-        _launch(_flash_attention_bwd_dkdv_kernel, grid_kv, args, meta, config)
+        _launch(_flash_attention_bwd_dkdv_kernel, grid_kv, args, {**meta, "FUSED_DQ": fused_dq}, config)
+        if fused_dq:
+            return dq, dk, dv
         grid_q = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), H, B)  # noqa: E731
         args = (q, k, v, do, dq, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -993,6 +1020,20 @@ def _spec_prefill(H: int, D: int, dtype, T: int = 7):
     return call
 
 
+def _spec_train_short(H: int, D: int, dtype, T: int = 64):
+    """Training at a short T with 32 x T tiles, whose one key tile holds all T keys: the FUSED_DQ
+    variant (a GPU runs it only when a caller passes such a config). 64 x 64 with 8 warps spills on
+    sm_80 here (72 B): the dQ tile is one more accumulator live."""
+    def call():
+        config = {"BLOCK_M": 32, "BLOCK_N": T, "num_warps": 4, "num_stages": 2}
+        qkv = torch.empty(1, T, 3, H, D, dtype=dtype)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, D)
+        o, lse = flash_attention_forward(q, k, v, True, D ** -0.5, config=config)
+        flash_attention_backward(torch.empty_like(o), q, k, v, o, lse, True, D ** -0.5, config=config)
+
+    return call
+
+
 COMPILE_SPECS = [
     CompileSpec(f"{OP}.train.{DTYPE_NAMES[dt]}.d{D}.{label}", _spec_train(H, D, dt),
                 f"{label} training, B x {GPT2_CONTEXT} tokens, {H} heads of {D}, {DTYPE_NAMES[dt]}")
@@ -1003,6 +1044,9 @@ COMPILE_SPECS = [
     CompileSpec(f"{OP}.train_dropout.{DTYPE_NAMES[dt]}.d64", _spec_train(12, 64, dt, dropout_p=0.1),
                 f"gpt2-124M training with attention dropout 0.1, {DTYPE_NAMES[dt]}")
     for dt in (torch.bfloat16, torch.float16)
+] + [
+    CompileSpec(f"{OP}.train_fused_dq.bf16.d64", _spec_train_short(12, 64, torch.bfloat16),
+                "training at T = 64 with one 64-key tile (dQ fused into dK/dV), 12 heads of 64, bf16")
 ] + [
     # The debug path that returns the dropout mask the kernels draw (tests use it; it must build too).
     CompileSpec(f"{OP}.dropout_mask", lambda: dropout_mask(0, 1, 12, GPT2_CONTEXT, GPT2_CONTEXT, 0.1),

@@ -98,6 +98,29 @@ def test_flash_attention_counts_equal_the_lesson(shape, dtype, causal):
     assert fwd.distinct["O"]["written"] == B * H * Tq * D * e
 
 
+def test_fused_dq_counts_equal_the_lesson():
+    """A configuration whose one key tile holds every key: the dK/dV launch writes dQ too (one more
+    dot per tile pair) and no dQ launch follows. The lesson's counts with fused_dq=True."""
+    from kernels import flash_attention as fa
+    from tools.explain import KernelCount, _fa_counts
+    from tools.trace import trace
+
+    B, H, Tq, Tk, D = 1, 2, 45, 70, 24
+    g = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(B, H, Tq, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, H, Tk, D, generator=g) for _ in range(2))
+    config = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+    o, lse = fa.flash_attention_forward(q, k, v, True, 0.2, config=config)
+    with trace() as launches:
+        fa.flash_attention_backward(do, q, k, v, o, lse, True, 0.2, config=config)
+    counts: list[KernelCount] = _fa_counts(fa, launches, B, H, Tq, Tk, D, 4, True)
+    assert [c.label for c in counts] == ["bwd_preprocess", "bwd_dkdv"]
+    assert counts[1].blocks["FUSED_DQ"] and counts[1].measured["DQ"]["written"] == B * H * Tq * D * 4
+    for c in counts:
+        assert c.measured == c.formula, (c.label, c.measured, c.formula)
+        assert c.flops == c.flops_formula, (c.label, c.flops, c.flops_formula)
+
+
 @pytest.mark.parametrize("Tq,Tk", [(128, 128), (256, 256), (64, 192)])
 def test_causal_tiles_visited_equal_the_closed_form(Tq, Tk):
     """With BLOCK_M = r BLOCK_N dividing Tq (n query tiles): r n (n + 1) / 2 + n cdiv(Tk - Tq, BLOCK_N)."""

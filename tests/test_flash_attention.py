@@ -136,7 +136,7 @@ def test_strided_views_of_one_qkv_tensor(dtype, launch_configs):
 # override), plus oblong pairs both ways round: the stage bounds must hold for any pair.
 BLOCK_PAIRS = sorted(
     {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _DKDV_CONFIGS + _DQ_CONFIGS}
-    | {(16, 32), (32, 16), (64, 128), (128, 64)}
+    | {(16, 32), (32, 16), (64, 128), (128, 64), (64, 256)}  # 64 x 256: one key tile, dQ fused into dK/dV
 )
 
 
@@ -169,6 +169,33 @@ def test_every_block_shape_writes_every_output(causal):
         flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, grads=grads, config=config)
         for name, got, want, ref in zip(("dq", "dk", "dv"), grads, exact[1:], base[1:]):
             assert_close_to_reference(f"{name} {bm}x{bn}", got, want, ref)
+
+
+@pytest.mark.parametrize("causal,dropout_p", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_fused_dq_is_the_dq_kernels_result(causal, dropout_p, monkeypatch):
+    """One key tile holding every key (Tk <= BLOCK_N): the dK/dV kernel also writes dQ, from the same
+    dS and the same product as the dQ kernel, so the result is the dQ kernel's (bit for bit in the
+    interpreter). Ragged query tiles, padded keys, a bottom-right diagonal, dropout."""
+    import kernels.flash_attention as fa
+
+    q, k, v, do = _qkvdo(2, 3, 45, 200, 32, torch.float32, seed=4)
+    config = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4, "num_stages": 2}
+    assert fa.fuses_dq(200, config) and not fa.fuses_dq(257, config) and not fa.fuses_dq(200, None)
+    o, lse = flash_attention_forward(q, k, v, causal, 0.3, dropout_p, seed=7, config=config)
+
+    def grads():
+        out = tuple(poison_(torch.empty_like(t)) for t in (q, k, v))
+        return flash_attention_backward(do, q, k, v, o, lse, causal, 0.3, dropout_p, seed=7, grads=out, config=config)
+
+    fused = grads()
+    monkeypatch.setattr(fa, "fuses_dq", lambda Tk, config: False)
+    split = grads()
+    for name, a, b in zip(("dq", "dk", "dv"), fused, split):
+        assert torch.isfinite(a).all(), name
+        if DEVICE.type == "cpu":
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_batch_returns_empty():

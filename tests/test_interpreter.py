@@ -1,6 +1,7 @@
 """What kernels/_common.py changes in Triton's interpreter to make it faster must change no result:
-its NumPy loads and stores against the interpreter's own C++ loop, element for element, and NumPy's
-BLAS on one thread. (Every kernel test runs through them too.)"""
+its NumPy loads and stores against the interpreter's own C++ loop, element for element, NumPy's
+BLAS on one thread, and the lighter tl.tensor / tl.block_type constructors against the originals.
+(Every kernel test runs through them too.)"""
 
 import numpy as np
 import pytest
@@ -116,3 +117,36 @@ def test_kernels_run_when_torch_imported_triton_first():
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def _fields(obj):
+    """An object's attributes as (type, repr), less the cache the lighter constructors add."""
+    return {k: (type(v), repr(v)) for k, v in vars(obj).items() if k != "_for_tensors"}
+
+
+@pytest.mark.parametrize("shape", [[16], [2, 4], [1, 64], [4, 1, 8], "constexprs", "triton tuple"])
+@pytest.mark.parametrize("dtype", ["float32", "int1", "pointer"])
+def test_lighter_tensor_objects_equal_the_originals(shape, dtype):
+    import triton.language.core as core
+
+    patched_tensor, patched_block = core.tensor.__init__, core.block_type.__init__
+    assert hasattr(patched_tensor, "_original") and hasattr(patched_block, "_original")  # the patch is in place
+    if shape == "constexprs":
+        shape = [core.constexpr(8), 4]
+    elif shape == "triton tuple":
+        shape = core.tuple([core.constexpr(2), core.constexpr(32)])
+    elem = {"float32": core.float32, "int1": core.int1, "pointer": core.pointer_type(core.float16)}[dtype]
+    for _ in range(2):  # the first call of a shape fills the table, the second reads it
+        want_ty, got_ty = (core.block_type.__new__(core.block_type) for _ in range(2))
+        patched_block._original(want_ty, elem, shape)
+        patched_block(got_ty, elem, shape)
+        assert _fields(got_ty) == _fields(want_ty) and got_ty == want_ty
+        for ty in (want_ty, elem):  # a block and a scalar
+            want, got = (core.tensor.__new__(core.tensor) for _ in range(2))
+            patched_tensor._original(want, "handle", ty)
+            patched_tensor(got, "handle", ty)
+            assert _fields(got) == _fields(want)
+    with pytest.raises(ValueError, match="power of 2"):  # still validated
+        core.block_type(core.float32, [3, 4])
+    with pytest.raises(AssertionError):  # a Python tuple is refused, as by the original
+        core.block_type(core.float32, (2, 4))

@@ -152,8 +152,9 @@ def _fa_counts(fa, launches, B, H, Tq, Tk, D, e, causal, prefix=""):
     for launch in launches:
         label = _FA_LABELS[launch.kernel]
         bm, bn = launch.args.get("BLOCK_M", 1), launch.args.get("BLOCK_N", 1)
-        out.append(_count(launch, prefix + label, fa.memory_traffic(label, B, H, Tq, Tk, D, e, bm, bn, causal),
-                          fa.flops(label, B, H, Tq, Tk, D, bm, bn, causal)))
+        fused = {"fused_dq": bool(launch.args.get("FUSED_DQ", False))}
+        out.append(_count(launch, prefix + label, fa.memory_traffic(label, B, H, Tq, Tk, D, e, bm, bn, causal, **fused),
+                          fa.flops(label, B, H, Tq, Tk, D, bm, bn, causal, **fused)))
     return out
 
 
@@ -259,12 +260,13 @@ def _explain_flash_attention(shape, dtype, backward, out, seed, prefill=None, ro
             o.backward(do)
         rep.kernels += _fa_counts(fa, bwd, B, H, Tq, Tk, D, e, causal)
         by = {launch.kernel: launch for launch in bwd}
-        dkdv, dq = by["_flash_attention_bwd_dkdv_kernel"], by["_flash_attention_bwd_dq_kernel"]
+        dkdv, dq = by["_flash_attention_bwd_dkdv_kernel"], by.get("_flash_attention_bwd_dq_kernel")
         schedules["dkdv"] = (tile_schedule(dkdv, Tq, D, "Q", dkdv.args["BLOCK_M"],
                                            (dkdv.args["BLOCK_M"], dkdv.args["BLOCK_N"])),
                              Tq, Tk, dkdv.args["BLOCK_M"], dkdv.args["BLOCK_N"])
-        schedules["dq"] = (tile_schedule(dq, Tk, D, "K", dq.args["BLOCK_N"], (dq.args["BLOCK_M"], dq.args["BLOCK_N"])),
-                           Tq, Tk, dq.args["BLOCK_M"], dq.args["BLOCK_N"])
+        if dq is not None:  # else dQ came from the dK/dV programs (FUSED_DQ: one key tile holds every key)
+            schedules["dq"] = (tile_schedule(dq, Tk, D, "K", dq.args["BLOCK_N"], (dq.args["BLOCK_M"], dq.args["BLOCK_N"])),
+                               Tq, Tk, dq.args["BLOCK_M"], dq.args["BLOCK_N"])
         # backward: read q, k, v, o, dO, LSE; write dq, dk, dv; dV, dP, dQ, dK: 8 D FLOPs per visible pair
         minimum["read"] += _nbytes(o, do) + B * H * Tq * 4
         minimum["written"] += _nbytes(q, k, v)
