@@ -16,7 +16,9 @@ position lens[b]. Each prompt therefore gets exactly the tokens it would get alo
 from __future__ import annotations
 
 import ctypes
+import statistics
 import sys
+import time
 from typing import Iterator
 
 import torch
@@ -121,6 +123,15 @@ def _prefill(model, tokens, lens, cache, chunk_size):
 #     hardware prefetcher (which stops at a page boundary). In 2 MB pages (Linux's transparent huge
 #     pages, which a program asks for with madvise) the twelve blocks' linears take 20.7 ms a token
 #     instead of 24.1, the head 7.4 ms instead of 8.2.
+#   * Threads. MKL runs an M = 1 product on one thread, and one core does not draw all the bandwidth
+#     there is. With torch on n > 1 threads each copy is cut into n row chunks, (n, ceil(out / n), in),
+#     and its product runs as one batched product over them (torch.baddbmm, the bias inside), which
+#     PyTorch spreads over its threads (`_RowChunked`). GB/s on 2 threads with the other core free,
+#     one thread -> two (12 copies of each weight, read in turn as a step reads them): attn.qkv 11.7 ->
+#     17.6, mlp.fc 13.6 -> 15.7, mlp.proj 14.7 -> 19.7, the head 16.7 -> 20.0; a step's products
+#     36 -> 28 ms. When another process holds a core, every product waits for a descheduled thread
+#     (10.5 tokens/s on 2 threads, 22.7 on one): `DecodeThreads` times the steps and runs them on the
+#     faster count.
 # So decoding runs every plain Linear on a copy of its weight, in its faster layout, all of them in
 # one buffer of huge pages in the order a step reads them. The same numbers, summed in another order:
 # the logits agree to fp32 rounding. The cost: the weights once more in memory (gpt2-124M: +494 MB,
@@ -160,6 +171,42 @@ def huge_page_empty(numel: int, dtype: torch.dtype, device=None) -> torch.Tensor
     return buf
 
 
+class _RowChunked(torch.Tensor):
+    """A weight W (out, in) that also holds a copy of itself as n row chunks, `.chunks_t` (n, in, out_n)
+    (each chunk transposed: the right operand of a batched x W^T), out_n = ceil(out / n), the last
+    chunk zero-padded: F.linear on it is one batched product over the chunks, a chunk per thread. Any
+    other op sees the plain W (this tensor's own data)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            return _chunked_linear(*args, **(kwargs or {}))  # only plain tensors inside: no re-dispatch
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def _chunked_linear(x, weight, bias=None):
+    # x (..., in) @ W^T + b as one batched product over the n row chunks, a chunk per thread:
+    # (n, M, in) @ (n, in, out_n) -> (n, M, out_n) -> (M, n * out_n) -> (M, out), the padding dropped.
+    # A decode step (x (1, 1, in)) takes three ops, two of them views: each op costs microseconds of
+    # dispatch, and a step makes 49 of these products.
+    chunks_t, out = weight.chunks_t, weight.out_features
+    n, _, out_n = chunks_t.shape
+    one = x.dim() == 3 and x.shape[0] == 1  # one sequence: x (1, T, in) is already "rows"
+    rows = (x if one else x.reshape(1, -1, x.shape[-1])).expand(n, -1, -1)  # (n, M, in)
+    if bias is not None and n * out_n == out:
+        y = torch.baddbmm(bias.view(n, 1, out_n), rows, chunks_t)  # the bias added inside the product
+    else:
+        y = torch.bmm(rows, chunks_t)  # (n, M, out_n)
+        if bias is not None:
+            y = y + torch.cat([bias, bias.new_zeros(n * out_n - out)]).view(n, 1, out_n)
+    M = rows.shape[1]
+    if M == 1 and n * out_n == out:
+        return y.view(*x.shape[:-1], out)  # (n, 1, out_n) is (1, out) in memory
+    y = y.transpose(0, 1).reshape(M, n * out_n)[:, :out]  # (M, out)
+    return y.reshape(*x.shape[:-1], out)  # (..., out)
+
+
 def _decode_linears(model) -> dict[str, nn.Linear]:
     # Every nn.Linear (a LoRA wrapper, model/lora.py, is not one, but its base is: the adapter then
     # adds its delta to the copy), in the order a step reads them: the modules' registration order.
@@ -168,35 +215,64 @@ def _decode_linears(model) -> dict[str, nn.Linear]:
 
 def decode_weights(model) -> dict[str, torch.Tensor]:
     """{parameter name: copy} of every plain Linear's weight in the layout it streams fastest at batch 1
-    on a CPU (column-major when out > in; see above), for `torch.func.functional_call`. Built on first
+    on a CPU (column-major when out > in; see above), put in place for each decode step (`_on_weights`). Built on first
     use, then cached on the model until one of those weights changes."""
     linears = _decode_linears(model)
     cached = _cached_decode_weights(model, linears)
     if cached is not None:
         return cached
     release_decode_weights(model)  # the stale copies go before the new ones are made
+    n = _decode_chunks()
     weights = {}
     kinds = {(m.weight.dtype, m.weight.device) for m in linears.values()}  # one buffer for each
     with torch.no_grad():
         for dtype, device in kinds:
             mine = {name: m.weight for name, m in linears.items() if (m.weight.dtype, m.weight.device) == (dtype, device)}
-            buf = huge_page_empty(sum(w.numel() for w in mine.values()), dtype, device)
+            sizes = {name: n * -(-w.shape[0] // n) * w.shape[1] for name, w in mine.items()}  # padded to n chunks
+            buf = huge_page_empty(sum(sizes.values()), dtype, device)
             start = 0
             for name, w in mine.items():
-                out, inp = w.shape
-                seg = buf[start : start + w.numel()]
-                start += w.numel()
-                if out > inp:  # W^T written contiguously (PyTorch's blocked transposing copy), read as W
-                    weights[f"{name}.weight"] = seg.view(inp, out).copy_(w.t()).t()  # (out, in), column-major
-                else:
-                    weights[f"{name}.weight"] = seg.view(out, inp).copy_(w)  # (out, in), row-major
+                seg = buf[start : start + sizes[name]]
+                start += sizes[name]
+                weights[f"{name}.weight"] = _decode_copy(w, seg, n)
     model.__dict__["_decode_weights"] = (_decode_key(linears), weights)  # a plain attribute: not in state_dict
     return weights
 
 
+def _decode_chunks() -> int:
+    return torch.get_num_threads()
+
+
+def _decode_copy(w: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """W (out, in) copied into seg in its faster layout: column-major when out > in, else row-major;
+    as n row chunks of out_n = ceil(out / n) rows (zero-padded), behind a _RowChunked, when n > 1."""
+    out, inp = w.shape
+    out_n = -(-out // n)
+    if out > inp:  # W^T written contiguously (PyTorch's blocked transposing copy), read as W
+        chunks = seg.view(n, inp, out_n).transpose(1, 2)  # (n, out_n, in), each chunk column-major
+    else:
+        chunks = seg.view(n, out_n, inp)  # (n, out_n, in), row-major
+    if n * out_n > out:
+        chunks[-1].zero_()  # the padding rows (the real ones are written next)
+    for i, part in enumerate(w.split(out_n)):
+        if out > inp:
+            chunks[i, : part.shape[0]].t().copy_(part.t())  # contiguous (in, rows) <- part^T
+        else:
+            chunks[i, : part.shape[0]].copy_(part)
+    if n == 1:
+        return chunks[0]  # (out, in): a plain tensor, F.linear as usual
+    chunked = torch.Tensor._make_subclass(_RowChunked, w.detach())  # W itself, for every other op
+    chunked.chunks_t = chunks.transpose(1, 2)  # (n, in, out_n)
+    chunked.out_features = out  # read without the subclass's dispatch (.shape would go through it)
+    return chunked
+
+
 def _decode_key(linears) -> tuple:
-    # What changes when a weight does: its storage (data_ptr) or its in-place version counter.
-    return tuple((name, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for name, m in linears.items())
+    # What changes when a weight does: its storage (data_ptr) or its in-place version counter; and the
+    # number of threads the chunks were cut for.
+    return (_decode_chunks(),) + tuple(
+        (name, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for name, m in linears.items()
+    )
 
 
 def _cached_decode_weights(model, linears=None) -> dict[str, torch.Tensor] | None:
@@ -274,6 +350,59 @@ def stream_generate(
                   use_cache, generator, prefill_chunk_size, cuda_graph, decode_layout)
 
 
+class DecodeThreads:
+    """How many threads each decode step runs on, chosen by timing the steps themselves.
+
+    The decode copies' products use every thread torch has (one row chunk each), and with the cores
+    free that is the fastest way. On a shared machine it is the slowest: when another process holds a
+    core, each of a step's ~50 parallel products waits for a descheduled thread (measured, 2 cores,
+    one busy: 10.5 tokens/s on 2 threads, 22.7 on one). The load can come and go during a generation,
+    so the choice is measured rather than guessed: step 0 runs on all n threads, step 1 on one, and
+    the faster wins. The other is tried again after PROBE_EVERY steps, then, each time it loses, after
+    twice as many (a losing probe costs one slow step), and after PROBE_EVERY again when it wins. A
+    step's result does not depend on the choice: each chunk's product is the same on any thread.
+    The thread count is set for the decode call alone and put back after it, so the caller's code
+    between two streamed tokens runs with its own."""
+
+    PROBE_EVERY = 8
+
+    def __init__(self, n: int):
+        self.n, self.best, self.other = n, n, 1
+        self.seconds = {}  # threads -> the latest few step times
+        self.next_probe, self.wait = 1, self.PROBE_EVERY
+
+    def for_step(self, step: int) -> int:
+        return self.other if step == self.next_probe else self.best
+
+    def record(self, step: int, threads: int, seconds: float) -> None:
+        self.seconds.setdefault(threads, []).append(seconds)
+        self.seconds[threads] = self.seconds[threads][-3:]
+        if step != self.next_probe:
+            return
+        recent = self.seconds.get(self.best)
+        if not recent or seconds < statistics.median(recent):
+            # the probe won: switch, and try the loser again at the base rate
+            self.best, self.other, self.wait = threads, self.best, self.PROBE_EVERY
+        else:
+            self.wait *= 2
+        self.next_probe = step + self.wait
+
+
+def _on_weights(model, slots, args, kwargs):
+    """model(*args, **kwargs) with each (Linear, copy) of `slots` running on its copy, put in place
+    for the call and taken out after it: what torch.func.functional_call does, at a fraction of its
+    cost per call (it resolves every name again; a decode step is only tens of milliseconds). Only
+    the Linears' own entries change: a tied head's embedding keeps its table."""
+    saved = [linear._parameters["weight"] for linear, _ in slots]
+    try:
+        for linear, w in slots:
+            linear._parameters["weight"] = w
+        return model(*args, **kwargs)
+    finally:
+        for (linear, _), w in zip(slots, saved):
+            linear._parameters["weight"] = w
+
+
 class _GraphedDecodeStep:
     """One decode step, `model(tok, cache, input_pos=lens)`, captured once as a CUDA graph and replayed.
 
@@ -313,12 +442,14 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
            generator, prefill_chunk_size, cuda_graph, decode_layout):
     if max_new_tokens == 0:
         return
-    decode = model
+    decode, threads = model, None
+    if decode_layout and torch.get_num_threads() > 1:
+        threads = DecodeThreads(torch.get_num_threads())
     if decode_layout:
-        weights = decode_weights(model)
+        slots = [(model.get_submodule(name.rpartition(".")[0]), w) for name, w in decode_weights(model).items()]
 
         def decode(*args, **kwargs):  # the model, on the decode-ready weights
-            return torch.func.functional_call(model, weights, args, kwargs, tie_weights=False, strict=False)
+            return _on_weights(model, slots, args, kwargs)
     B, longest = tokens.shape
     device = tokens.device
     was_training = model.training
@@ -360,7 +491,17 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
             elif use_cache:
                 # Decode: the one new token per sequence, at its own position lens[b].
                 pos = longest + step if int_pos else lens
-                last = decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
+                if threads is None:
+                    last = decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
+                else:
+                    k = threads.for_step(step)
+                    torch.set_num_threads(k)
+                    t0 = time.perf_counter()
+                    try:
+                        last = decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
+                    finally:
+                        torch.set_num_threads(threads.n)
+                    threads.record(step, k, time.perf_counter() - t0)
             else:
                 buf[rows, lens] = nxt
             lens = lens + 1

@@ -12,7 +12,8 @@ import torch
 
 from accuracy import assert_close_to_reference, seeded
 from model import GPTConfig, GPTModel, generate, stream_generate
-from model.generate import DECODE_LAYOUT_MAX_BATCH, DECODE_LAYOUT_MIN_TOKENS, decode_weights, release_decode_weights, sample_next
+from model.generate import (DECODE_LAYOUT_MAX_BATCH, DECODE_LAYOUT_MIN_TOKENS, DecodeThreads, decode_weights,
+                            release_decode_weights, sample_next)
 from model.kv_cache import KVCaches
 from model.ops import TorchOps
 from model.weights import save_pretrained
@@ -135,8 +136,17 @@ def test_logits_at_picks_rows_of_the_full_forward():
 WIDE = GPTConfig(vocab_size=501, context_length=48, emb_dim=96, n_heads=4, n_layers=2, qkv_bias=True, tie_weights=True)
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}-threads")
+def threads(request):
+    """torch's thread count for the test: the decode copies are cut into that many row chunks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @torch.no_grad()
-def test_decode_weights_give_the_logits_to_fp32_rounding():
+def test_decode_weights_give_the_logits_to_fp32_rounding(threads):
     """Prefill + decode on the decode copies: against float64, within 2x the plain weights' fp32 error."""
     m = make_model(WIDE)
     exact = copy.deepcopy(m).double()
@@ -147,7 +157,10 @@ def test_decode_weights_give_the_logits_to_fp32_rounding():
     for name, w in weights.items():
         p = m.get_parameter(name)
         out, inp = p.shape
-        assert torch.equal(w, p) and w.stride() == ((1, out) if out > inp else (inp, 1)), name  # same numbers
+        assert torch.equal(w, p), name  # same numbers
+        chunks = w.chunks_t.transpose(1, 2) if threads > 1 else w[None]  # (n, out_n, in)
+        assert chunks.shape[0] == threads and chunks.stride()[1:] == ((1, chunks.shape[1]) if out > inp else (inp, 1)), name
+        assert torch.equal(chunks.flatten(0, 1)[:out], p) and not chunks.flatten(0, 1)[out:].any(), name
     idx = torch.randint(0, 501, (1, 12))
 
     def run(model, params=None):
@@ -162,6 +175,48 @@ def test_decode_weights_give_the_logits_to_fp32_rounding():
     # and greedy picks the same tokens as the plain weights, alone and in a small batch
     prompts = [[5, 17, 3, 88], [64], [11, 30, 30, 7, 200]]
     assert generate(m, prompts, 12, decode_layout=True) == generate(m, prompts, 12, decode_layout=False)
+
+
+def test_decode_threads_pick_the_faster_and_back_off():
+    """Step 0 on n threads, step 1 on one; the faster is kept and the other tried again after 8, then
+    16, 32, ... steps while it loses; a probe that wins takes over."""
+    t = DecodeThreads(2)
+    ran = []
+
+    def run(step, seconds_by_threads):
+        k = t.for_step(step)
+        ran.append(k)
+        t.record(step, k, seconds_by_threads[k])
+
+    for step in range(60):  # the other core busy: one thread is faster
+        run(step, {2: 0.3, 1: 0.05})
+    probes = [s for s, k in enumerate(ran) if k == 2]
+    assert probes == [0, 9, 25, 57]  # after step 1's probe: 8, 16, 32 steps apart
+    for step in range(60, 130):  # the core is free again: the next probe of 2 threads (step 121) wins
+        run(step, {2: 0.03, 1: 0.05})
+    assert ran.index(2, 60) == 121 and ran[121:] == [2] * 8 + [1] and (t.best, t.other) == (2, 1)  # 1 is tried 8 later
+    assert DecodeThreads(2).for_step(0) == 2 and DecodeThreads(2).for_step(1) == 1
+
+
+def test_decode_steps_run_on_the_chosen_threads_and_hand_back_the_callers(monkeypatch):
+    """Streaming on 2 threads: a decode step may run on one, but the caller's code between two
+    tokens always sees its own thread count; the tokens are those of the plain path."""
+    gen = importlib.import_module("model.generate")  # the module (model.generate is also the function)
+    m = make_model(WIDE)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    record = gen.DecodeThreads.record
+    monkeypatch.setattr(gen.DecodeThreads, "record", lambda self, step, k, s: (seen.append(k), record(self, step, k, s)))
+    try:
+        tokens = []
+        for nxt in stream_generate(m, [[3, 1, 4]], 20, decode_layout=True):
+            assert torch.get_num_threads() == 2
+            tokens.append(int(nxt))
+    finally:
+        torch.set_num_threads(before)
+    assert seen[:2] == [2, 1] and len(seen) == 19  # every decode step timed; step 1 on one thread
+    assert [[3, 1, 4] + tokens] == generate(m, [[3, 1, 4]], 20, decode_layout=False)
 
 
 def test_decode_weights_are_cached_and_follow_weight_changes():
