@@ -359,12 +359,13 @@ class DecodeThreads:
     one busy: 10.5 tokens/s on 2 threads, 22.7 on one). The load can come and go during a generation,
     so the choice is measured rather than guessed: step 0 runs on all n threads, step 1 on one, and
     the faster wins. The other is tried again after PROBE_EVERY steps, then, each time it loses, after
-    twice as many (a losing probe costs one slow step), and after PROBE_EVERY again when it wins. A
+    four times as many, up to PROBE_MAX (a losing probe costs one slow step: at idle, 1-2% of a
+    64-token run), and after PROBE_EVERY again when it wins. A
     step's result does not depend on the choice: each chunk's product is the same on any thread.
     The thread count is set for the decode call alone and put back after it, so the caller's code
     between two streamed tokens runs with its own."""
 
-    PROBE_EVERY = 8
+    PROBE_EVERY, PROBE_MAX = 8, 128
 
     def __init__(self, n: int):
         self.n, self.best, self.other = n, n, 1
@@ -384,7 +385,7 @@ class DecodeThreads:
             # the probe won: switch, and try the loser again at the base rate
             self.best, self.other, self.wait = threads, self.best, self.PROBE_EVERY
         else:
-            self.wait *= 2
+            self.wait = min(self.wait * 4, self.PROBE_MAX)
         self.next_probe = step + self.wait
 
 
