@@ -1,6 +1,7 @@
 """What kernels/_common.py changes in Triton's interpreter to make it faster must change no result:
 its NumPy loads and stores against the interpreter's own C++ loop, element for element, NumPy's
-BLAS on one thread, and the lighter tl.tensor / tl.block_type constructors against the originals.
+BLAS on one thread, the lighter tl.tensor / tl.block_type constructors against the originals, and
+mask logic in one pass against the interpreter's int8 round trip.
 (Every kernel test runs through them too.)"""
 
 import numpy as np
@@ -150,3 +151,24 @@ def test_lighter_tensor_objects_equal_the_originals(shape, dtype):
         core.block_type(core.float32, [3, 4])
     with pytest.raises(AssertionError):  # a Python tuple is refused, as by the original
         core.block_type(core.float32, (2, 4))
+
+
+@pytest.mark.parametrize("op", ["and", "or", "xor"])
+def test_bool_logic_in_one_pass_equals_the_int8_round_trip(op):
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    create = getattr(InterpreterBuilder, f"create_{op}")
+    assert getattr(create, "_one_pass", False)  # the patch is in place
+    np_op = {"and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor}[op]
+    builder = InterpreterBuilder()
+    rng = np.random.default_rng(0)
+    rows, cols = rng.random((7, 1)) < 0.5, rng.random((1, 33)) < 0.5
+    for lhs, rhs, dtype in [
+        (np.broadcast_to(rows, (7, 33)), np.broadcast_to(cols, (7, 33)), tl.int1),  # a row mask & a column mask
+        (rng.random(40) < 0.3, rng.random(40) < 0.7, tl.int1),
+        (rng.integers(-9, 9, 40).astype(np.int32), rng.integers(-9, 9, 40).astype(np.int32), tl.int32),
+    ]:
+        a, b = TensorHandle(lhs, dtype), TensorHandle(rhs, dtype)
+        got, want = create(builder, a, b), builder.binary_op(a, b, np_op)  # the original's path
+        assert got.data.dtype == want.data.dtype and np.array_equal(got.data, want.data) and got.dtype == want.dtype
