@@ -215,8 +215,9 @@ def _decode_linears(model) -> dict[str, nn.Linear]:
 
 def decode_weights(model) -> dict[str, torch.Tensor]:
     """{parameter name: copy} of every plain Linear's weight in the layout it streams fastest at batch 1
-    on a CPU (column-major when out > in; see above), put in place for each decode step (`_on_weights`). Built on first
-    use, then cached on the model until one of those weights changes."""
+    on a CPU (column-major when out > in, a row chunk per thread; see above), put in place for each
+    decode step (`_on_weights`). Built on first use, then cached on the model until one of those
+    weights changes or torch's thread count does."""
     linears = _decode_linears(model)
     cached = _cached_decode_weights(model, linears)
     if cached is not None:
@@ -360,10 +361,10 @@ class DecodeThreads:
     so the choice is measured rather than guessed: step 0 runs on all n threads, step 1 on one, and
     the faster wins. The other is tried again after PROBE_EVERY steps, then, each time it loses, after
     four times as many, up to PROBE_MAX (a losing probe costs one slow step: at idle, 1-2% of a
-    64-token run), and after PROBE_EVERY again when it wins. A
-    step's result does not depend on the choice: each chunk's product is the same on any thread.
-    The thread count is set for the decode call alone and put back after it, so the caller's code
-    between two streamed tokens runs with its own."""
+    64-token run), and after PROBE_EVERY again when it wins. A step's result does not depend on the
+    choice: each chunk's product is the same on any thread. The thread count is set for the decode
+    call alone and put back after it (`run`), so the caller's code between two streamed tokens runs
+    with its own."""
 
     PROBE_EVERY, PROBE_MAX = 8, 128
 
@@ -374,6 +375,18 @@ class DecodeThreads:
 
     def for_step(self, step: int) -> int:
         return self.other if step == self.next_probe else self.best
+
+    def run(self, step: int, decode_step):
+        """decode_step() on this step's thread count, timed; torch's own count back afterwards."""
+        k = self.for_step(step)
+        torch.set_num_threads(k)
+        t0 = time.perf_counter()
+        try:
+            out = decode_step()
+        finally:
+            torch.set_num_threads(self.n)
+        self.record(step, k, time.perf_counter() - t0)
+        return out
 
     def record(self, step: int, threads: int, seconds: float) -> None:
         self.seconds.setdefault(threads, []).append(seconds)
@@ -492,17 +505,11 @@ def _steps(model, tokens, lens, max_new_tokens, temperature, top_k, top_p, eos_i
             elif use_cache:
                 # Decode: the one new token per sequence, at its own position lens[b].
                 pos = longest + step if int_pos else lens
-                if threads is None:
-                    last = decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
-                else:
-                    k = threads.for_step(step)
-                    torch.set_num_threads(k)
-                    t0 = time.perf_counter()
-                    try:
-                        last = decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
-                    finally:
-                        torch.set_num_threads(threads.n)
-                    threads.record(step, k, time.perf_counter() - t0)
+
+                def decode_step():
+                    return decode(nxt[:, None], cache=cache, input_pos=pos)[:, -1]  # (B, V)
+
+                last = decode_step() if threads is None else threads.run(step, decode_step)
             else:
                 buf[rows, lens] = nxt
             lens = lens + 1
