@@ -568,8 +568,9 @@ def _bwd_dkdv_inner(
             # here and may overflow, and inf * a zero key would be NaN).
             ds = tl.where(offs_n[None, :] < Tk, ds, 0.0)
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision="ieee")
+            dq_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
             tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM))
+                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=dq_mask)
     return dk, dv
 
 
