@@ -198,6 +198,21 @@ def test_fused_dq_is_the_dq_kernels_result(causal, dropout_p, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_pruner_keeps_configs_that_fit():
+    """What the autotuner may pick: the dtype's list, within shared memory; with dropout, the 16-bit
+    forward keeps only its 8-warp config (the 4-warp 64 x 64 ones spill on sm_90)."""
+    def kept(kernel, configs, dtype, block_d, dropout):
+        q = torch.empty(0, dtype=dtype)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in _pruner(kernel)(configs, {"Q": q}, BLOCK_D=block_d, HAS_DROPOUT=dropout)}
+
+    bf16_fwd = {(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)}
+    assert kept("fwd", _FWD_CONFIGS, torch.bfloat16, 64, False) == bf16_fwd
+    assert kept("fwd", _FWD_CONFIGS, torch.bfloat16, 64, True) == {(128, 64, 8, 2)}
+    assert kept("fwd", _FWD_CONFIGS, torch.float32, 64, True) == {(16, 16, 8, 2)}
+    assert kept("dkdv", _DKDV_CONFIGS, torch.float16, 64, True) == {(64, 64, 8, 3)}
+
+
 def test_zero_batch_returns_empty():
     q = torch.randn(0, 2, 5, 16, requires_grad=True)
     o = flash_attention(q, q, q)
