@@ -377,14 +377,14 @@ class DecodeThreads:
         return self.other if step == self.next_probe else self.best
 
     def run(self, step: int, decode_step):
-        """decode_step() on this step's thread count, timed; torch's own count back afterwards."""
-        k = self.for_step(step)
+        """decode_step() on this step's thread count, timed; the count set before it back afterwards."""
+        k, own = self.for_step(step), torch.get_num_threads()
         torch.set_num_threads(k)
         t0 = time.perf_counter()
         try:
             out = decode_step()
         finally:
-            torch.set_num_threads(self.n)
+            torch.set_num_threads(own)
         self.record(step, k, time.perf_counter() - t0)
         return out
 
