@@ -18,6 +18,7 @@ How a number is made (and why):
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -386,3 +387,30 @@ def time_call(fn: Callable[[], object], device: torch.device, rounds: int, warmu
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(ours, theirs, pairs: int, device, benchmark, between=None) -> tuple[float, float]:
+    """Median seconds of ours() and theirs(), run alternately `pairs` times (and between(), untimed,
+    after each of theirs). pytest-benchmark times ours (its table); theirs runs as its setup, so each
+    round is one pair."""
+    times = {"ours": [], "theirs": []}
+
+    def timed(name, fn):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times[name].append(time.perf_counter() - t0)
+
+    def setup():
+        timed("theirs", theirs)
+        if between is not None:
+            between()
+
+    benchmark.pedantic(lambda: timed("ours", ours), setup=setup, rounds=pairs, warmup_rounds=0, iterations=1)
+    return statistics.median(times["ours"]), statistics.median(times["theirs"])
+
+
+def load_avg() -> float | None:
+    """The 1-minute load average, where the system has one."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None

@@ -31,7 +31,6 @@ decode on the weights as nn.Linear keeps them (`decode_layout=False`), timed in 
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_util import device_name, sig, sync
+from bench_util import device_name, interleaved, load_avg, sig, sync
 from model import GPTConfig, GPTModel
 from model.generate import generate, huge_page_empty
 from model.weights import save_pretrained
@@ -66,28 +65,6 @@ def models(device, tmp_path_factory):
     hf.generation_config.eos_token_id = None  # random weights: never stop early, always 64 tokens
     hf.generation_config.pad_token_id = 0
     return ours, hf
-
-
-def interleaved(ours, theirs, pairs: int, device, benchmark, between=None) -> tuple[float, float]:
-    """Median seconds of ours() and theirs(), run alternately `pairs` times (and between(), untimed,
-    after each of theirs). pytest-benchmark times ours (its table); theirs runs as its setup, so each
-    round is one pair."""
-    times = {"ours": [], "theirs": []}
-
-    def timed(name, fn):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times[name].append(time.perf_counter() - t0)
-
-    def setup():
-        timed("theirs", theirs)
-        if between is not None:
-            between()
-
-    benchmark.pedantic(lambda: timed("ours", ours), setup=setup, rounds=pairs, warmup_rounds=0, iterations=1)
-    return statistics.median(times["ours"]), statistics.median(times["theirs"])
 
 
 class MatvecBandwidth:
@@ -165,13 +142,9 @@ def streamed_bytes(model: GPTModel) -> int:
     return total - model.pos_emb.weight.numel() * model.pos_emb.weight.element_size()
 
 
-def _load_avg() -> float | None:
-    """The 1-minute load average, where the system has one."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
 
 def _machine(device) -> dict:
-    return {"device": device_name(device), "threads": torch.get_num_threads(), "load_avg": _load_avg()}
+    return {"device": device_name(device), "threads": torch.get_num_threads(), "load_avg": load_avg()}
 
 
 def test_train_step_vs_hf(benchmark, models, device):
@@ -255,7 +228,7 @@ def test_decode_vs_hf_and_bandwidth_bound(benchmark, models, device):
 
     if not quick:
         run_ours(), run_hf()  # first calls: allocator, lazy initialisation, the decode copies
-    load_before = _load_avg()
+    load_before = load_avg()
     bandwidth = MatvecBandwidth(device, dtype, mib=16 if quick else 256)
     plain = []  # seconds of run_plain, one per pair
 

@@ -8,6 +8,10 @@ run in Triton's interpreter, and compiling with inductor on a CPU takes minutes)
 extra_info: tokens/s, MFU (model FLOPs per second over the device's dense bf16 peak, from the one
 table in bench_util.PEAK_BF16_TFLOPS; left out where the device is not in it), peak memory, and the
 speedup over the PyTorch path measured in this session.
+
+And on a CPU only, `test_fused_cpu_step_vs_torch`: what `python scripts/train.py --fused` costs there,
+the tiny preset's step on the kernels in Triton's interpreter against the same model's PyTorch step
+(batch 8 x 128, fp32), in interleaved pairs: `fused_over_torch` is how many times slower it is.
 """
 
 import contextlib
@@ -15,7 +19,8 @@ import contextlib
 import pytest
 import torch
 
-from bench_util import FUSED_NEEDS_CUDA, device_name, gpt_train_flops, peak_bf16_tflops, peak_memory, sig, sync, time_call
+from bench_util import (FUSED_NEEDS_CUDA, device_name, gpt_train_flops, interleaved, load_avg, peak_bf16_tflops,
+                        peak_memory, sig, sync, time_call)
 from model import GPTConfig, GPTModel
 
 PRESET = "gpt2-124M"
@@ -100,3 +105,34 @@ def test_train_step(benchmark, device, timings, impl):
             timings[key] = measure_train("torch", device, quick)["step_ms"]
         info["vs_torch"] = sig(timings[key] / info["step_ms"])
     benchmark.extra_info.update(info)
+
+
+def test_fused_cpu_step_vs_torch(benchmark, device):
+    if device.type == "cuda":
+        pytest.skip("on a GPU the kernels are compiled: test_train_step compares the fused step there")
+    quick = benchmark.disabled
+    B, T = (1, 16) if quick else (8, 128)
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny")
+    model = GPTModel(cfg)  # one model, one optimizer: the two paths differ only in their ops
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    x, y = (torch.randint(0, cfg.vocab_size, (B, T)) for _ in range(2))
+
+    def step(fused: bool):
+        model.use_fused_kernels(fused)
+        model(x, targets=y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if not quick:
+        step(True), step(False)  # first calls: the kernels' first launches, allocation
+    pairs = 1 if quick else 4
+    s_fused, s_torch = interleaved(lambda: step(True), lambda: step(False), pairs, device, benchmark)
+    benchmark.group = "fused on a CPU (Triton's interpreter) vs PyTorch"
+    benchmark.extra_info.update({
+        "bench": "fused_cpu_vs_torch", "impl": "fused (interpreted)", "model": "tiny", "batch": B, "seq_len": T,
+        "dtype": "fp32", "quick": quick, "pairs": pairs, "step_ms": sig(s_fused * 1e3),
+        "torch_step_ms": sig(s_torch * 1e3), "fused_over_torch": sig(s_fused / s_torch),
+        "tokens_per_s": sig(B * T / s_fused), "device": device_name(device), "threads": torch.get_num_threads(),
+        "load_avg": load_avg(),
+    })
