@@ -887,13 +887,12 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dq.stride(),
                 Tq, Tk, bucket, *rng)
         _launch(_flash_attention_bwd_dkdv_kernel, grid_kv, args, {**meta, "FUSED_DQ": fused_dq}, config)
-        if fused_dq:
-            return dq, dk, dv
-        grid_q = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), H, B)  # noqa: E731
-        args = (q, k, v, do, dq, lse, delta,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                Tq, Tk, bucket, *rng)
-        _launch(_flash_attention_bwd_dq_kernel, grid_q, args, meta, config)
+        if not fused_dq:  # else the dK/dV programs wrote dQ
+            grid_q = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), H, B)  # noqa: E731
+            args = (q, k, v, do, dq, lse, delta,
+                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                    Tq, Tk, bucket, *rng)
+            _launch(_flash_attention_bwd_dq_kernel, grid_q, args, meta, config)
     return dq, dk, dv
 
 

@@ -369,7 +369,7 @@ class DecodeThreads:
     PROBE_EVERY, PROBE_MAX = 8, 128
 
     def __init__(self, n: int):
-        self.n, self.best, self.other = n, n, 1
+        self.best, self.other = n, 1
         self.seconds = {}  # threads -> the latest few step times
         self.next_probe, self.wait = 1, self.PROBE_EVERY
 
